@@ -1,0 +1,164 @@
+"""The only module that calls ``torch.distributed``: agree on a batch, then move partner crops.
+
+Global mixing views the ranks' batches laid end to end in group-rank order as one global batch
+of ``G`` samples, mixed by one permutation ``perm`` that every rank draws identically. Sample
+``g`` receives the box region of sample ``perm[g]``. Each rank sends each of its crops exactly
+once, straight to the rank that needs it, in one ``all_to_all_single``: about
+``(1 - lam) * B * C * H * W`` elements per rank instead of ``(W - 1) * B * C * H * W`` for
+gathering the global batch.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    'BatchMismatchError',
+    'ExchangePlan',
+    'agree_on_batch',
+    'exchange_rows',
+    'group_rank_and_size',
+    'group_stream_key',
+]
+
+ProcessGroup = Optional[dist.ProcessGroup]
+
+
+class BatchMismatchError(ValueError):
+    """The ranks of a group hold batches that cannot be mixed together; raised on every rank."""
+
+
+def group_rank_and_size(group: ProcessGroup) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group's size; ``(0, 1)`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def group_stream_key(group: ProcessGroup) -> tuple[str, int]:
+    """A name for ``group`` that is the same on all its ranks: its lowest global rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ('group', 0)
+    return ('group', min(dist.get_process_group_ranks(group or dist.group.WORLD)))
+
+
+def _comm_device(group: ProcessGroup) -> torch.device:
+    if dist.get_backend(group) == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def agree_on_batch(signature: str, size: int, problem: Optional[str], group: ProcessGroup) -> list[int]:
+    """Check that all ranks of ``group`` can mix together; return every rank's batch size.
+
+    Args:
+        signature: what must agree across ranks (shapes past the batch dim, dtypes, target
+            kind, number of classes), as readable text.
+        size: this rank's batch size.
+        problem: this rank's own input error, or ``None``.
+        group: the process group.
+
+    Returns:
+        The batch sizes of all ranks, in group-rank order.
+
+    Raises:
+        BatchMismatchError: on every rank at once, when any rank reported a problem or the
+            signatures differ. One small all-gather on the happy path; only on failure are the
+            texts gathered, so every rank can name every rank's view.
+    """
+    digest = int.from_bytes(hashlib.blake2b(signature.encode(), digest_size=7).digest(), 'little')
+    mine = torch.tensor([size, digest, int(problem is not None)], dtype=torch.int64, device=_comm_device(group))
+    _, world = group_rank_and_size(group)
+    table = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine, group=group)
+    rows = [t.tolist() for t in table]
+    if any(r[2] for r in rows) or len({r[1] for r in rows}) > 1:
+        texts: list[Optional[str]] = [None] * world
+        dist.all_gather_object(texts, problem or signature, group=group)
+        lines = '\n'.join(f'  rank {r}: {t}' for r, t in enumerate(texts))
+        if any(r[2] for r in rows):
+            raise BatchMismatchError(f'CutMix cannot mix this batch; bad input on some rank:\n{lines}')
+        raise BatchMismatchError(f'CutMix ranks disagree on the batch layout; all must match:\n{lines}')
+    return [r[0] for r in rows]
+
+
+@dataclass(frozen=True)
+class ExchangePlan:
+    """Who sends which rows where, for one global permutation; the same arithmetic on every rank.
+
+    Attributes:
+        send_order: local indices of this rank's samples, in the order they are sent.
+        send_counts: rows sent to each rank.
+        recv_order: ``out[recv_order] = received`` puts received rows at their destinations.
+        recv_counts: rows received from each rank.
+        partners: global index of each local sample's partner (``perm`` restricted to this rank).
+        offset: global index of this rank's first sample.
+    """
+
+    send_order: Tensor
+    send_counts: list[int]
+    recv_order: Tensor
+    recv_counts: list[int]
+    partners: Tensor
+    offset: int
+
+    @classmethod
+    def build(cls, perm: Tensor, sizes: Sequence[int], rank: int) -> 'ExchangePlan':
+        """Plan the exchange for global permutation ``perm`` over ranks of batch ``sizes``."""
+        world = len(sizes)
+        bounds = torch.tensor(list(sizes)).cumsum(0)  # exclusive end of each rank's range
+        offset = int(bounds[rank - 1]) if rank else 0
+        mine = torch.arange(offset, offset + sizes[rank])
+
+        def owner(g: Tensor) -> Tensor:
+            return torch.searchsorted(bounds, g, right=True)
+
+        # Receive: my destination g takes perm[g]; rows arrive grouped by source, ascending g.
+        partners = perm[mine]
+        src = owner(partners)
+        recv_order = torch.argsort(src, stable=True)
+        # Send: my sample s goes to destination inv[s]; sending in ascending destination order
+        # groups rows by destination rank and matches each receiver's ascending-g order.
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(len(perm))
+        dst = inv[mine]
+        send_order = torch.argsort(dst)
+        return cls(
+            send_order=send_order,
+            send_counts=torch.bincount(owner(dst), minlength=world).tolist(),
+            recv_order=recv_order,
+            recv_counts=torch.bincount(src, minlength=world).tolist(),
+            partners=partners,
+            offset=offset,
+        )
+
+    def cross_rank_rows_sent(self, rank: int) -> int:
+        """Rows this rank sends to other ranks (its own rows never leave it)."""
+        return sum(self.send_counts) - self.send_counts[rank]
+
+
+def exchange_rows(rows: Tensor, plan: ExchangePlan, group: ProcessGroup) -> Tensor:
+    """Send ``rows`` (already in ``plan.send_order``) and return the partner rows, in local order.
+
+    ``rows`` has a leading dim of this rank's batch size; the rest of its shape and its dtype
+    must agree across ranks (:func:`agree_on_batch` checks). One ``all_to_all_single``; none
+    for a group of one.
+    """
+    # gloo reads raw memory: a channels_last or strided tensor would arrive scrambled.
+    send = rows.contiguous()
+    if len(plan.send_counts) == 1:  # a group of one: every row stays here, no collective
+        received = send
+    else:
+        received = send.new_empty((sum(plan.recv_counts), *send.shape[1:]))
+        dist.all_to_all_single(
+            received, send,
+            output_split_sizes=plan.recv_counts, input_split_sizes=plan.send_counts, group=group,
+        )
+    out = torch.empty_like(received)
+    out[plan.recv_order.to(received.device)] = received
+    return out

@@ -1,0 +1,407 @@
+"""CutMix as pure tensor operations: sample parameters, then apply them.
+
+No torch.distributed and no Composer here. Every function that draws takes an explicit
+``torch.Generator``; the apply step is deterministic given a :class:`CutMixParams`.
+
+Axes are named ``(N, C, H, W)``. Internally a box is ``(y0, y1, x0, x1)`` with ``y`` on
+dim -2. The drop-in :func:`cutmix_batch` keeps Composer's box tuple, ``(y0, x0, y1, x1)``
+(Composer names it ``(x1, y1, x2, y2)`` but slices its first and third entries on the height
+axis); :func:`box_from_composer` and :func:`box_to_composer` convert.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    'Box',
+    'CutMixParams',
+    'apply_cutmix',
+    'box_from_composer',
+    'box_lambda',
+    'box_to_composer',
+    'cutmix_batch',
+    'gather_crops',
+    'mix_targets',
+    'paste_crops',
+    'sample_box',
+    'sample_lambda',
+    'sample_params',
+    'sample_partners',
+    'target_kind',
+    'validate_alpha',
+    'validate_input',
+    'validate_target',
+]
+
+Box = tuple[int, int, int, int]
+"""``(y0, y1, x0, x1)``: rows ``y0:y1`` (dim -2) and columns ``x0:x1`` (dim -1)."""
+
+
+@dataclass(frozen=True)
+class CutMixParams:
+    """Everything that decides one CutMix of a batch.
+
+    Attributes:
+        box: ``(y0, y1, x0, x1)``, already clipped to the image.
+        lam: share of each image that stays its own: ``1 - box area / (H * W)``.
+        indices: ``indices[i]`` is the partner whose box region sample ``i`` receives.
+    """
+
+    box: Box
+    lam: float
+    indices: Tensor
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_alpha(alpha: float) -> float:
+    """Return ``alpha`` as a float; raise ``ValueError`` unless it is a finite number ``>= 0``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f'alpha must be a number, got {alpha!r}')
+    if math.isnan(alpha) or alpha < 0 or math.isinf(alpha):
+        raise ValueError(f'alpha must be a finite number >= 0, got {alpha}')
+    return float(alpha)
+
+
+def validate_input(input: object) -> Tensor:
+    """Raise unless ``input`` is a ``(N, C, H, W)`` tensor."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f'input must be a torch.Tensor of shape (N, C, H, W), got {type(input).__name__}')
+    if input.ndim != 4:
+        raise ValueError(f'input must have shape (N, C, H, W), got shape {tuple(input.shape)}')
+    return input
+
+
+def target_kind(target: Tensor, input: Tensor) -> str:
+    """Classify ``target`` as ``'index'`` ``(N,)``, ``'soft'`` ``(N, K)`` or ``'dense'`` ``(N, ..., H, W)``."""
+    if target.ndim >= 3 and tuple(target.shape[-2:]) == tuple(input.shape[-2:]):
+        return 'dense'
+    if target.ndim == 1:
+        return 'index'
+    if target.ndim == 2:
+        return 'soft'
+    raise ValueError(
+        f'target must have shape (N,), (N, num_classes) or (N, ..., H, W) with the input\'s H and W '
+        f'{tuple(input.shape[-2:])}, got shape {tuple(target.shape)}',
+    )
+
+
+def validate_target(target: object, input: Tensor) -> str:
+    """Raise unless ``target`` fits ``input``; return its kind (see :func:`target_kind`)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f'target must be a torch.Tensor, got {type(target).__name__}')
+    if target.ndim == 0 or target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f'target batch size must equal the input batch size {input.shape[0]}, '
+            f'got target of shape {tuple(target.shape)}',
+        )
+    kind = target_kind(target, input)
+    if kind == 'index' and (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):
+        raise TypeError(f'index targets of shape (N,) must have an integer dtype, got {target.dtype}')
+    return kind
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_lambda(alpha: float, generator: torch.Generator) -> float:
+    """Draw the nominal λ from ``Beta(alpha, alpha)``; ``alpha == 0`` gives ``1.0`` (no mixing).
+
+    Composer's stock code returns λ = 0 for ``alpha == 0`` and then pastes a box covering
+    25-100% of the image: the opposite of "disabled". We do not copy that.
+    """
+    alpha = validate_alpha(alpha)
+    if alpha == 0:
+        return 1.0
+    # numpy's Beta sampler, seeded from the explicit torch generator: no global RNG involved.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def _randint(low: int, high: int, generator: torch.Generator) -> int:
+    return int(torch.randint(low, high, (1,), generator=generator).item())
+
+
+def sample_box(
+    height: int,
+    width: int,
+    lam: float,
+    *,
+    uniform_sampling: bool = False,
+    generator: torch.Generator,
+) -> Box:
+    """Sample a box covering about ``1 - lam`` of an ``height x width`` image, clipped at the edges.
+
+    Same distribution as Composer's (and the paper's) ``_rand_bbox``: a box of sides
+    ``2 * (int(H * sqrt(1 - lam)) // 2)`` by the same for ``W``, centred uniformly on the image,
+    or, with ``uniform_sampling``, on an enlarged range so each pixel is equally likely to be cut.
+    """
+    cut_ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * cut_ratio), int(width * cut_ratio)
+    if uniform_sampling:
+        cy = _randint(-cut_h // 2, height + cut_h // 2, generator)
+        cx = _randint(-cut_w // 2, width + cut_w // 2, generator)
+    else:
+        cy = _randint(0, height, generator)
+        cx = _randint(0, width, generator)
+    y0, y1 = _clip(cy - cut_h // 2, height), _clip(cy + cut_h // 2, height)
+    x0, x1 = _clip(cx - cut_w // 2, width), _clip(cx + cut_w // 2, width)
+    return (y0, y1, x0, x1)
+
+
+def _clip(v: int, hi: int) -> int:
+    return min(max(v, 0), hi)
+
+
+def box_lambda(box: Box, height: int, width: int) -> float:
+    """λ adjusted to the exact pixel ratio: ``1 - box area / (height * width)``."""
+    y0, y1, x0, x1 = box
+    if height * width == 0:
+        return 1.0
+    return 1.0 - (max(y1 - y0, 0) * max(x1 - x0, 0)) / (height * width)
+
+
+def sample_partners(n: int, *, exclude_self: bool = True, generator: torch.Generator) -> Tensor:
+    """A random permutation of ``range(n)``; with ``exclude_self`` and ``n > 1`` it has no fixed point.
+
+    A fixed point (a sample mixed with itself) is wasted compute. The draw is one ``randperm``;
+    its fixed points, if any, are then moved: two or more are rotated among themselves, a single
+    one swaps partners with a random other sample.
+    """
+    perm = torch.randperm(n, generator=generator)
+    if not exclude_self or n < 2:
+        return perm
+    fixed = (perm == torch.arange(n)).nonzero().flatten()
+    if len(fixed) >= 2:
+        perm[fixed] = perm[fixed.roll(-1)]
+    elif len(fixed) == 1:
+        f = int(fixed[0])
+        other = (f + 1 + _randint(0, n - 1, generator)) % n
+        perm[f], perm[other] = perm[other].clone(), perm[f].clone()
+    return perm
+
+
+def sample_params(
+    n: int,
+    height: int,
+    width: int,
+    *,
+    alpha: float = 1.0,
+    length: Optional[float] = None,
+    box: Optional[Box] = None,
+    indices: Optional[Tensor] = None,
+    uniform_sampling: bool = False,
+    exclude_self: bool = True,
+    generator: torch.Generator,
+) -> CutMixParams:
+    """Sample the box, λ and partners for a batch of ``n`` images of ``height x width``.
+
+    Args:
+        n: batch size (the global batch size when mixing across ranks).
+        height: image height ``H``.
+        width: image width ``W``.
+        alpha: Beta(alpha, alpha) concentration for the nominal λ; 0 disables mixing.
+        length: if given, the box sides are ``int(length * H)`` by ``int(length * W)``
+            (centred at random); ``alpha`` is then not used.
+        box: a fixed ``(y0, y1, x0, x1)`` box; ``alpha`` and ``length`` are then not used.
+        indices: fixed partners; otherwise drawn by :func:`sample_partners`.
+        uniform_sampling: see :func:`sample_box`.
+        exclude_self: never pair a sample with itself when ``n > 1``.
+        generator: the only source of randomness.
+
+    Returns:
+        The parameters; ``lam`` is the exact kept-pixel share of the clipped box.
+
+    Raises:
+        ValueError: on a bad ``alpha``, ``length``, ``box`` or ``indices``.
+    """
+    alpha = validate_alpha(alpha)
+    if box is not None and length is not None:
+        raise ValueError(f'Cannot provide both length and bbox; got length={length} and bbox={box}')
+    if indices is None:
+        indices = sample_partners(n, exclude_self=exclude_self, generator=generator)
+    else:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if tuple(indices.shape) != (n,) or (n and (int(indices.min()) < 0 or int(indices.max()) >= n)):
+            raise ValueError(f'indices must be a ({n},) tensor of values in [0, {n}), got {indices}')
+    if box is None:
+        if length is not None:
+            if not 0 <= length <= 1:
+                raise ValueError(f'length must be in [0, 1], got {length}')
+            nominal = 1.0 - (int(length * height) * int(length * width)) / max(height * width, 1)
+        else:
+            nominal = sample_lambda(alpha, generator)
+        box = sample_box(height, width, nominal, uniform_sampling=uniform_sampling, generator=generator)
+    else:
+        y0, y1, x0, x1 = (int(v) for v in box)
+        if not (0 <= y0 <= y1 <= height and 0 <= x0 <= x1 <= width):
+            raise ValueError(f'bbox must lie inside the {height}x{width} image as (y0, y1, x0, x1), got {box}')
+        box = (y0, y1, x0, x1)
+    return CutMixParams(box=box, lam=box_lambda(box, height, width), indices=indices)
+
+
+def box_from_composer(bbox: tuple) -> Box:
+    """Composer's ``(y0, x0, y1, x1)`` box tuple (it slices ``[:, :, b[0]:b[2], b[1]:b[3]]``) to ours."""
+    a, b, c, d = (int(v) for v in bbox)
+    return (a, c, b, d)
+
+
+def box_to_composer(box: Box) -> tuple[int, int, int, int]:
+    """Our ``(y0, y1, x0, x1)`` box to Composer's ``(y0, x0, y1, x1)`` tuple."""
+    y0, y1, x0, x1 = box
+    return (y0, x0, y1, x1)
+
+
+# ----------------------------------------------------------------------------- applying
+
+
+def _box_is_empty(box: Box) -> bool:
+    y0, y1, x0, x1 = box
+    return y1 <= y0 or x1 <= x0
+
+
+def gather_crops(tensor: Tensor, indices: Tensor, box: Box) -> Tensor:
+    """``tensor[indices, ..., y0:y1, x0:x1]`` as a new contiguous tensor: only the box region is read."""
+    y0, y1, x0, x1 = box
+    return tensor[..., y0:y1, x0:x1][indices.to(tensor.device)].contiguous()
+
+
+def paste_crops(tensor: Tensor, crops: Tensor, box: Box, *, inplace: bool = False) -> Tensor:
+    """Write ``crops`` into the box region of ``tensor`` (a copy unless ``inplace``); dtype and layout are kept."""
+    out = tensor if inplace else tensor.clone()  # clone keeps channels_last (preserve_format)
+    if not _box_is_empty(box) and tensor.shape[0]:
+        y0, y1, x0, x1 = box
+        out[..., y0:y1, x0:x1] = crops
+    return out
+
+
+def apply_cutmix(input: Tensor, params: CutMixParams, *, inplace: bool = False) -> Tensor:
+    """Paste each sample's partner crop into its box region.
+
+    Only the box region is read from the partners and written: with ``inplace=True`` the
+    whole batch is never copied.
+    """
+    if _box_is_empty(params.box) or input.shape[0] == 0:
+        return input if inplace else input.clone()
+    return paste_crops(input, gather_crops(input, params.indices, params.box), params.box, inplace=inplace)
+
+
+def mix_targets(
+    target: Tensor,
+    partner: Tensor,
+    lam: float,
+    box: Box,
+    *,
+    kind: str,
+    num_classes: Optional[int] = None,
+) -> Tensor:
+    """Mix each target with its partner's.
+
+    Args:
+        target: own targets: index ``(N,)``, soft ``(N, K)`` or dense ``(N, ..., H, W)``.
+        partner: the partners' targets, in the same form; for dense targets only the box crops
+            ``(N, ..., y1 - y0, x1 - x0)`` are needed (full maps are cropped here).
+        lam: the exact kept share, from :class:`CutMixParams`.
+        box: the pasted box.
+        kind: ``'index'``, ``'soft'`` or ``'dense'`` (see :func:`target_kind`).
+        num_classes: number of classes, required for index targets.
+
+    Returns:
+        Dense targets with the partner box pasted; otherwise soft targets
+        ``lam * own + (1 - lam) * partner`` (index targets become one-hot first, as float32).
+
+    Raises:
+        ValueError: if index targets lack ``num_classes`` or fall outside ``[0, num_classes)``.
+    """
+    if kind == 'dense':
+        y0, y1, x0, x1 = box
+        if partner.shape[-2:] == target.shape[-2:] and not _box_is_empty(box):
+            partner = partner[..., y0:y1, x0:x1]
+        return paste_crops(target, partner, box)
+    if kind == 'index':
+        if num_classes is None:
+            raise ValueError('num_classes is required to mix index targets, got num_classes=None')
+        own = _one_hot(target, num_classes)
+        other = _one_hot(partner, num_classes)
+    else:
+        own, other = target, partner.to(target.dtype)
+        if not own.is_floating_point():
+            own, other = own.float(), other.float()
+    return own * lam + other * (1.0 - lam)
+
+
+def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f'index targets must lie in [0, num_classes={num_classes}), '
+            f'got values in [{int(labels.min())}, {int(labels.max())}]',
+        )
+    out = torch.zeros(labels.shape[0], num_classes, dtype=torch.float32, device=labels.device)
+    return out.scatter_(1, labels.long().unsqueeze(1), 1.0)
+
+
+# ----------------------------------------------------------------------------- drop-in API
+
+
+def cutmix_batch(
+    input: Tensor,
+    target: Tensor,
+    length: Optional[float] = None,
+    alpha: float = 1.0,
+    bbox: Optional[tuple] = None,
+    indices: Optional[Tensor] = None,
+    uniform_sampling: bool = False,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor, float, tuple[int, int, int, int]]:
+    """Drop-in for ``composer.functional.cutmix_batch``, with explicit randomness.
+
+    Pastes one box region, the same for the whole batch, from each sample's partner into it.
+
+    Args:
+        input: images ``(N, C, H, W)``, any float dtype or uint8, any memory format.
+        target: index ``(N,)``, soft ``(N, K)`` or dense ``(N, ..., H, W)`` targets.
+        length: relative side of the box: ``int(length * H)`` by ``int(length * W)``.
+            (Composer's code feeds ``length`` through λ and cuts a box of side
+            ``sqrt(1 - length**2)`` instead; we follow its documentation.)
+        alpha: Beta(alpha, alpha) concentration of λ; 0 disables mixing (λ = 1).
+        bbox: a fixed box in Composer's ``(y0, x0, y1, x1)`` form.
+        indices: the partner of each sample; by default a permutation without fixed points.
+        uniform_sampling: sample the box centre so every pixel is equally likely to be cut.
+        generator: source of randomness; a fresh unseeded generator if ``None``.
+
+    Returns:
+        ``(mixed_input, target_perm, lam, bbox)`` as Composer returns them: the mixed copy of
+        ``input``, the partners' targets ``target[indices]``, the exact kept share λ and the box in
+        Composer's ``(y0, x0, y1, x1)`` form. Use :func:`mix_targets` for the mixed targets.
+
+    Raises:
+        ValueError: for both ``length`` and ``bbox``, a bad ``alpha``, or malformed tensors.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> mixed, y_perm, lam, bbox = cutmix_batch(x, y, alpha=1.0, generator=g)
+        >>> mixed.shape, 0.0 <= lam <= 1.0
+        (torch.Size([4, 3, 8, 8]), True)
+    """
+    validate_input(input)
+    validate_target(target, input)
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    params = sample_params(
+        input.shape[0], input.shape[-2], input.shape[-1],
+        alpha=alpha, length=length,
+        box=None if bbox is None else box_from_composer(bbox),
+        indices=indices, uniform_sampling=uniform_sampling, generator=generator,
+    )
+    mixed = apply_cutmix(input, params)
+    return mixed, target[params.indices.to(target.device)], params.lam, box_to_composer(params.box)

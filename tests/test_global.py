@@ -1,0 +1,188 @@
+"""Global mixing on real gloo ranks equals one process mixing the concatenated batch."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_cutmix import functional as F
+from dist_cutmix._random import batch_generator
+from dist_cutmix.distributed import BatchMismatchError, ExchangePlan
+from dist_cutmix.mixer import mix_batch_across_group
+from tests.spawn import RankError, run_ranks
+
+SEED, BATCH, C, H, W, K = 1234, 7, 3, 12, 10, 5
+
+
+def _rank_data(rank: int, n: int, kind: str, channels_last: bool = False):
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(n, C, H, W, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    if kind == 'index':
+        y = torch.randint(0, K, (n,), generator=g)
+    elif kind == 'soft':
+        y = torch.softmax(torch.randn(n, K, generator=g), 1)
+    else:
+        y = torch.randint(0, K, (n, H, W), generator=g)
+    return x, y
+
+
+def _mix_on_rank(rank, world, sizes, kind, mix_target, channels_last, batch=BATCH):
+    x, y = _rank_data(rank, sizes[rank], kind, channels_last)
+    r = mix_batch_across_group(
+        x, y, seed=SEED, batch=batch, num_classes=K, mix_target=mix_target, inplace=channels_last,
+    )
+    return dict(input=r.input.contiguous(), target=r.target, partner_target=r.partner_target, lam=r.lam,
+                box=r.box, partner_rank=r.partner_rank, partner_index=r.partner_index,
+                cross=r.cross_rank_fraction, bytes_sent=r.bytes_sent, channels_last=r.input.is_contiguous(
+                    memory_format=torch.channels_last))
+
+
+CASES = [
+    ([3, 5], 'index', True),
+    ([4, 1, 2], 'soft', True),
+    ([2, 6, 3], 'dense', True),
+    ([5, 2], 'index', False),  # interpolate_loss: targets stay, partner targets travel
+    ([1, 1], 'index', True),  # a per-rank batch of one still mixes
+    ([0, 4, 2], 'soft', True),  # a rank with no samples takes part
+]
+
+
+@pytest.mark.parametrize('sizes, kind, mix_target', CASES)
+def test_w_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, sizes, kind, mix_target):
+    world = len(sizes)
+    results = run_ranks(_mix_on_rank, world, tmp_path, sizes, kind, mix_target, False)
+
+    xs, ys = zip(*(_rank_data(r, n, kind) for r, n in enumerate(sizes)))
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    # 1) the same function in one process, no process group: the definition of global mode
+    single = mix_batch_across_group(x_all, y_all, seed=SEED, batch=BATCH, num_classes=K, mix_target=mix_target)
+    # 2) an independent reference: the same draw, applied by a per-sample mask blend
+    params = F.sample_params(sum(sizes), H, W, generator=batch_generator(SEED, BATCH, 'group', 0))
+    y0, y1, x0, x1 = params.box
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    ref_input = torch.stack([torch.where(mask, x_all[int(j)], x_all[i]) for i, j in enumerate(params.indices)]) \
+        if len(x_all) else x_all
+
+    torch.testing.assert_close(torch.cat([r['input'] for r in results]), single.input, rtol=0, atol=0)
+    torch.testing.assert_close(single.input, ref_input, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([r['target'] for r in results]), single.target, rtol=0, atol=0)
+    if kind != 'dense':
+        torch.testing.assert_close(torch.cat([r['partner_target'] for r in results]), y_all[params.indices])
+    if kind == 'index' and mix_target:
+        ref_t = params.lam * torch.eye(K)[y_all] + (1 - params.lam) * torch.eye(K)[y_all[params.indices]]
+        torch.testing.assert_close(single.target, ref_t)
+    if not mix_target:
+        assert torch.equal(torch.cat([r['target'] for r in results]), y_all)
+    # every rank agrees on box and lambda; partners form one permutation of the global batch
+    assert {r['box'] for r in results} == {params.box} and {r['lam'] for r in results} == {params.lam}
+    offsets = [sum(sizes[:r]) for r in range(world)]
+    partners = torch.cat([torch.tensor(offsets)[r['partner_rank']] + r['partner_index'] for r in results])
+    assert torch.equal(partners, params.indices)
+    if sum(sizes) > 1:
+        assert not (partners == torch.arange(sum(sizes))).any()
+
+
+def test_channels_last_crops_arrive_intact(tmp_path):
+    sizes = [3, 4]
+    results = run_ranks(_mix_on_rank, 2, tmp_path, sizes, 'index', True, True)
+    xs, ys = zip(*(_rank_data(r, n, 'index') for r, n in enumerate(sizes)))
+    single = mix_batch_across_group(torch.cat(xs), torch.cat(ys), seed=SEED, batch=BATCH, num_classes=K)
+    torch.testing.assert_close(torch.cat([r['input'] for r in results]), single.input, rtol=0, atol=0)
+    assert all(r['channels_last'] for r in results)
+
+
+def test_bytes_sent_are_only_the_cross_rank_crops(tmp_path):
+    sizes = [6, 5]
+    batch = next(b for b in range(100)
+                 if F.sample_params(11, H, W, generator=batch_generator(SEED, b, 'group', 0)).lam < 0.9)
+    results = run_ranks(_mix_on_rank, 2, tmp_path, sizes, 'index', True, False, batch)
+    owner = torch.cat([r['partner_rank'] for r in results])  # rank holding each sample's partner
+    home = torch.cat([torch.full((n,), rank) for rank, n in enumerate(sizes)])
+    y0, y1, x0, x1 = results[0]['box']
+    row_bytes = C * (y1 - y0) * (x1 - x0) * 4 + 8  # a float32 crop and its int64 label
+    assert results[0]['lam'] < 0.9
+    for rank, r in enumerate(results):
+        sent_away = int(((owner == rank) & (home != rank)).sum())
+        assert r['bytes_sent'] == sent_away * row_bytes
+    gathered = sum(sizes) * C * H * W * 4  # what all-gathering the global batch would move per rank
+    assert max(r['bytes_sent'] for r in results) < gathered
+
+
+def test_exchange_plan_counts_balance():
+    perm = F.sample_partners(11, generator=torch.Generator().manual_seed(0))
+    sizes = [4, 0, 7]
+    plans = [ExchangePlan.build(perm, sizes, r) for r in range(3)]
+    for src in range(3):
+        for dst in range(3):
+            assert plans[src].send_counts[dst] == plans[dst].recv_counts[src]
+
+
+def _mismatch_on_rank(rank, world, what):
+    x, y = _rank_data(rank, 3, 'index')
+    num_classes = K
+    if rank == 1:
+        if what == 'shape':
+            x = torch.randn(3, C, H + 1, W)
+        elif what == 'dtype':
+            x = x.double()
+        elif what == 'kind':
+            y = torch.softmax(torch.randn(3, K), 1)
+        elif what == 'num_classes':
+            num_classes = K + 1
+        elif what == 'ndim':
+            x = x[0]
+        elif what == 'label':
+            y = torch.tensor([0, 1, K + 3])
+    try:
+        mix_batch_across_group(x, y, seed=SEED, batch=BATCH, num_classes=num_classes)
+    except BatchMismatchError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize('what, needle', [
+    ('shape', 'input (N, 3, 13, 10)'),
+    ('dtype', 'torch.float64'),
+    ('kind', 'soft target'),
+    ('num_classes', 'num_classes=6'),
+    ('ndim', 'input must have shape (N, C, H, W), got shape (3, 12, 10)'),
+    ('label', 'index targets must lie in [0, num_classes=5), got values in [0, 8]'),
+])
+def test_disagreement_raises_the_same_error_on_every_rank(tmp_path, what, needle):
+    start = time.monotonic()
+    messages = run_ranks(_mismatch_on_rank, 3, tmp_path, what)
+    assert time.monotonic() - start < 20
+    assert all(m is not None for m in messages), messages
+    assert len(set(messages)) == 1, messages
+    assert needle in messages[0] and 'rank 1' in messages[0]
+
+
+def _die_mid_exchange(rank, world, outdir):
+    x, y = _rank_data(rank, 4, 'index')
+    dist.barrier()
+    if rank == 1:
+        os._exit(3)  # gone before the exchange that rank 0 starts
+    start = time.monotonic()
+    try:
+        mix_batch_across_group(x, y, seed=SEED, batch=BATCH, num_classes=K)
+        outcome = ('returned', '', time.monotonic() - start)
+    except Exception as e:  # noqa: BLE001 - the point is that it raises at all, and soon
+        outcome = ('raised', f'{type(e).__name__}: {e}', time.monotonic() - start)
+    torch.save(outcome, os.path.join(outdir, 'rank0.outcome'))
+    return outcome
+
+
+def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
+    with pytest.raises(RankError) as info:
+        run_ranks(_die_mid_exchange, 2, tmp_path, str(tmp_path), collective_timeout_s=10, deadline_s=60)
+    assert 'rank 1 (exit code 3)' in str(info.value)
+    assert '1 of 2 ranks failed' in str(info.value)  # rank 0 itself ended cleanly, having caught the error
+    status, message, elapsed = torch.load(tmp_path / 'rank0.outcome')
+    assert status == 'raised', message
+    assert elapsed < 10 + 5, elapsed
