@@ -1,0 +1,274 @@
+"""The CutMix algorithm in real Composer Trainers: one process and spawned gloo ranks."""
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from composer.utils import dist
+
+from dist_cutmix import CutMix
+from dist_cutmix import functional as F
+from dist_cutmix._random import batch_generator
+from tests.spawn import run_ranks
+from tests.trainer_utils import NUM_CLASSES, find_box, make_dataset, partner_ids, run_trainer, sample_ids
+
+SEED = 17
+
+
+def _expected_local(batch: int, rank: int, ids: torch.Tensor, seed: int = SEED):
+    """Independent reference of local mixing: the same draw, applied by a mask blend."""
+    data = make_dataset()
+    x, y = data.tensors[0][ids], data.tensors[1][ids]
+    params = F.sample_params(len(ids), x.shape[-2], x.shape[-1], generator=batch_generator(seed, batch, 'local', rank))
+    y0, y1, x0, x1 = params.box
+    mask = torch.zeros(x.shape[-2:], dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    mixed = torch.stack([torch.where(mask, x[int(j)], x[i]) for i, j in enumerate(params.indices)])
+    eye = torch.eye(NUM_CLASSES)
+    target = params.lam * eye[y] + (1 - params.lam) * eye[y[params.indices]]
+    return mixed, target, params
+
+
+def test_single_process_trainer_mixes_each_batch_as_the_reference():
+    _, rec, mem = run_trainer([CutMix(alpha=1.0)], duration='3ba')
+    lams = [v for _, v in mem.data['cutmix/lambda']]
+    assert len(lams) == 3
+    for b in range(3):
+        mixed, target, params = _expected_local(b, 0, sample_ids(0, 1, b, 6))
+        torch.testing.assert_close(rec.whole(b, 'input'), mixed, rtol=0, atol=0)
+        torch.testing.assert_close(rec.whole(b, 'target'), target)
+        assert lams[b] == pytest.approx(params.lam)
+
+
+def test_same_seed_same_mixing_other_seed_other_mixing():
+    _, a, _ = run_trainer([CutMix(seed=5)], duration='2ba')
+    _, b, _ = run_trainer([CutMix(seed=5)], duration='2ba')
+    _, c, _ = run_trainer([CutMix(seed=6)], duration='2ba')
+    assert all(torch.equal(a.whole(i, 'input'), b.whole(i, 'input')) for i in range(2))
+    assert not all(torch.equal(a.whole(i, 'input'), c.whole(i, 'input')) for i in range(2))
+
+
+def test_seed_defaults_to_composer_rank_zero_seed():
+    _, a, _ = run_trainer([CutMix()], duration='2ba', seed=123)
+    _, b, _ = run_trainer([CutMix(seed=123)], duration='2ba', seed=999)
+    assert all(torch.equal(a.whole(i, 'input'), b.whole(i, 'input')) for i in range(2))
+
+
+def test_microbatching_sees_the_same_mixed_batch():
+    _, whole, _ = run_trainer([CutMix()], batch_size=8, duration='2ba')
+    _, split, _ = run_trainer([CutMix()], batch_size=8, duration='2ba', microbatch=2)
+    for b in range(2):
+        assert len(split.batches[b]) == 4
+        assert torch.equal(split.whole(b, 'input'), whole.whole(b, 'input'))
+        assert torch.equal(split.whole(b, 'target'), whole.whole(b, 'target'))
+
+
+@pytest.mark.parametrize('microbatch', [None, 3])
+def test_interpolate_loss_equals_the_formula_by_hand(microbatch):
+    _, rec, mem = run_trainer([CutMix(interpolate_loss=True)], batch_size=6, duration='2ba', microbatch=microbatch)
+    lams = [v for _, v in mem.data['cutmix/lambda']]
+    for b in range(2):
+        ids = sample_ids(0, 1, b, 6)
+        mixed, _, params = _expected_local(b, 0, ids)
+        y = make_dataset().tensors[1][ids]
+        assert torch.equal(rec.whole(b, 'input'), mixed)
+        assert torch.equal(rec.whole(b, 'target'), y)  # index labels stay in the batch
+        offset = 0
+        for mb in rec.batches[b]:
+            n = len(mb['target'])
+            own = TF.cross_entropy(mb['outputs'], y[offset:offset + n])
+            partner = TF.cross_entropy(mb['outputs'], y[params.indices][offset:offset + n])
+            offset += n
+            expected = lams[b] * own + (1 - lams[b]) * partner
+            torch.testing.assert_close(mb['loss'], expected)
+
+
+def test_alpha_zero_leaves_the_batch_alone():
+    _, rec, mem = run_trainer([CutMix(alpha=0.0)], duration='1ba')
+    ids = sample_ids(0, 1, 0, 6)
+    data = make_dataset()
+    assert torch.equal(rec.whole(0, 'input'), data.tensors[0][ids])
+    torch.testing.assert_close(rec.whole(0, 'target'), torch.eye(NUM_CLASSES)[data.tensors[1][ids]])
+    assert mem.data['cutmix/lambda'][0][1] == 1.0
+
+
+def test_batch_of_one_warns_once_and_points_to_global_mode():
+    with pytest.warns(UserWarning, match="mode='global' mixes across ranks") as record:
+        _, rec, _ = run_trainer([CutMix()], batch_size=1, duration='3ba')
+    assert sum("per-rank batch of 1" in str(w.message) for w in record) == 1
+    assert torch.equal(rec.whole(0, 'input'), make_dataset().tensors[0][:1])
+
+
+def test_soft_and_onehot_targets_are_accepted():
+    data = make_dataset()
+    onehot = torch.eye(NUM_CLASSES)[data.tensors[1]]
+    soft = onehot * 0.9 + 0.1 / NUM_CLASSES
+    for targets in (onehot, soft):
+        ds = torch.utils.data.TensorDataset(data.tensors[0], targets)
+        _, rec, mem = run_trainer([CutMix()], duration='1ba', dataset=ds)
+        ids = sample_ids(0, 1, 0, 6)
+        _, _, params = _expected_local(0, 0, ids)
+        expected = params.lam * targets[ids] + (1 - params.lam) * targets[ids][params.indices]
+        torch.testing.assert_close(rec.whole(0, 'target'), expected)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(alpha=-0.5), 'alpha must be a finite number >= 0, got -0.5'),
+    (dict(alpha=float('nan')), 'alpha must be a finite number >= 0, got nan'),
+    (dict(mode='cluster'), "mode must be one of .*, got mode='cluster'"),
+    (dict(mode='local', process_group=object()), "process_group is only used with mode='global'"),
+    (dict(num_classes=0), 'num_classes must be a positive int or None, got num_classes=0'),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        CutMix(**kwargs)
+
+
+def test_bad_batch_is_named_inside_a_trainer():
+    data = make_dataset()
+    ds = torch.utils.data.TensorDataset(data.tensors[0], data.tensors[1].float())
+    with pytest.raises(TypeError, match='index targets of shape \\(N,\\) must have an integer dtype, got torch.float32'):
+        run_trainer([CutMix()], duration='1ba', dataset=ds)
+
+
+def test_empty_batch_passes_through():
+    x, y = torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.long)
+    from dist_cutmix.mixer import mix_batch_local
+
+    r = mix_batch_local(x, y, seed=1, batch=0, num_classes=3)
+    assert r.input.shape == (0, 3, 8, 8) and r.target.shape == (0, 3)
+
+
+# ---------------------------------------------------------------------------- spawned ranks
+
+
+def _local_on_rank(rank, world):
+    _, rec, mem = run_trainer([CutMix()], batch_size=6, duration='3ba')
+    return {b: (rec.whole(b, 'input'), rec.whole(b, 'target')) for b in rec.batches}
+
+
+def test_two_ranks_local_mode_partners_stay_on_the_rank(tmp_path):
+    results = run_ranks(_local_on_rank, 2, tmp_path)
+    boxes = []
+    for rank, batches in enumerate(results):
+        for b, (x, target) in batches.items():
+            ids = sample_ids(rank, 2, b, 6)
+            mixed, expected_target, params = _expected_local(b, rank, ids)
+            torch.testing.assert_close(x, mixed, rtol=0, atol=0)
+            torch.testing.assert_close(target, expected_target)
+            box = find_box(x, ids)
+            if box != (0, 0, 0, 0):
+                assert set(partner_ids(x, box).tolist()) <= set(ids.tolist())  # same rank's samples only
+            boxes.append((rank, b, params.box))
+    # ranks draw differently: not every batch has the same box on both ranks
+    assert any(b0 != b1 for (_, _, b0), (_, _, b1) in zip(boxes[:3], boxes[3:]))
+
+
+def _resume_on_rank(rank, world, folder, mode, phase):
+    if phase == 'full':
+        _, rec, _ = run_trainer([CutMix(mode=mode)], duration='4ba', save_folder=folder)
+    else:
+        path = os.path.join(folder, 'ba2-rank0.pt')
+        _, rec, _ = run_trainer([CutMix(mode=mode)], duration='4ba', load_path=path)
+    return {b: (rec.whole(b, 'input'), rec.whole(b, 'target')) for b in rec.batches}
+
+
+@pytest.mark.parametrize('mode', ['local', 'global'])
+def test_resume_from_checkpoint_reproduces_mixing_bit_for_bit(tmp_path, mode):
+    folder = str(tmp_path / 'ckpt')
+    full = run_ranks(_resume_on_rank, 2, tmp_path, folder, mode, 'full')
+    assert glob.glob(os.path.join(folder, 'ba2-rank0.pt'))
+    resumed = run_ranks(_resume_on_rank, 2, tmp_path, folder, mode, 'resume')
+    for rank in range(2):
+        assert sorted(resumed[rank]) == [2, 3]  # only the batches after the checkpoint ran
+        for b in (2, 3):
+            assert torch.equal(resumed[rank][b][0], full[rank][b][0])
+            assert torch.equal(resumed[rank][b][1], full[rank][b][1])
+
+
+def _global_on_rank(rank, world, batch_size, mode, fsdp):
+    parallelism = None
+    if fsdp:
+        from composer.utils.parallelism import FSDP2Config
+
+        parallelism = {'fsdp': FSDP2Config()}
+    _, rec, mem = run_trainer([CutMix(mode=mode)], batch_size=batch_size, duration='3ba', parallelism_config=parallelism)
+    return {
+        'batches': {b: rec.whole(b, 'input') for b in rec.batches},
+        'cross': [v for _, v in mem.data.get('cutmix/cross_rank_fraction', [])],
+        'lam': [v for _, v in mem.data['cutmix/lambda']],
+        'local_world': dist.get_local_world_size(),
+    }
+
+
+def _partners_by_batch(results, world, batch_size):
+    """For each batch: global ids, partner ids (read off pixels), and each sample's rank."""
+    out = []
+    for b in range(3):
+        ids = torch.cat([sample_ids(r, world, b, batch_size) for r in range(world)])
+        x = torch.cat([results[r]['batches'][b] for r in range(world)])
+        ranks = torch.cat([torch.full((batch_size,), r) for r in range(world)])
+        box = find_box(x, ids)
+        out.append((ids, partner_ids(x, box) if box != (0, 0, 0, 0) else None, ranks))
+    return out
+
+
+@pytest.mark.parametrize('world, batch_size, fsdp', [(2, 4, False), (3, 1, False), (2, 2, True)])
+def test_global_mode_in_trainer_mixes_one_global_permutation(tmp_path, world, batch_size, fsdp):
+    results = run_ranks(_global_on_rank, world, tmp_path, batch_size, 'global', fsdp)
+    n = world * batch_size
+    mixed_any = False
+    cross_total = 0
+    for b, (ids, partners, ranks) in enumerate(_partners_by_batch(results, world, batch_size)):
+        if partners is None:
+            assert results[0]['lam'][b] == 1.0
+            continue
+        mixed_any = True
+        assert sorted(partners.tolist()) == sorted(ids.tolist())  # one permutation of the global batch
+        assert not (partners == ids).any()
+        id_to_rank = dict(zip(ids.tolist(), ranks.tolist()))
+        cross = sum(id_to_rank[p] != r for p, r in zip(partners.tolist(), ranks.tolist()))
+        assert results[0]['cross'][b] == pytest.approx(cross / n)
+        cross_total += cross
+    assert mixed_any
+    # with W ranks a random partner lives elsewhere with probability about (W-1)/W
+    assert cross_total > 0
+    assert {tuple(r['lam']) for r in results} == {tuple(results[0]['lam'])}
+
+
+def test_node_mode_keeps_partners_inside_each_node(tmp_path):
+    world, batch_size = 4, 3
+
+    def node_env(rank: int) -> dict[str, str]:
+        return {'LOCAL_WORLD_SIZE': '2', 'LOCAL_RANK': str(rank % 2), 'NODE_RANK': str(rank // 2)}
+
+    results = run_ranks(_global_on_rank, world, tmp_path, batch_size, 'node', False, per_rank_env=node_env)
+    assert [r['local_world'] for r in results] == [2] * 4
+    crossed_ranks = False
+    for b, (ids, partners, ranks) in enumerate(_partners_by_batch(results, world, batch_size)):
+        for node in (0, 1):
+            sel = (ranks // 2) == node
+            node_ids = ids[sel]
+            # the two nodes draw their own boxes: read each node's box separately
+            x = torch.cat([results[r]['batches'][b] for r in (2 * node, 2 * node + 1)])
+            box = find_box(x, node_ids)
+            if box == (0, 0, 0, 0):
+                continue
+            node_partners = partner_ids(x, box)
+            assert sorted(node_partners.tolist()) == sorted(node_ids.tolist())
+            first_rank_ids = set(node_ids[:batch_size].tolist())
+            crossed_ranks |= any((p in first_rank_ids) != (i in first_rank_ids)
+                                 for p, i in zip(node_partners.tolist(), node_ids.tolist()))
+    assert crossed_ranks  # partners do cross ranks, within the node
+
+
+def test_cross_rank_fraction_is_fair(tmp_path):
+    results = run_ranks(_global_on_rank, 2, tmp_path, 8, 'global', False)
+    fractions = results[0]['cross']
+    # expected (W-1)/W * n/(n-1) about 0.53 for derangements of 16 over 2 ranks; allow wide noise
+    assert 0.2 < sum(fractions) / len(fractions) < 0.9
+    assert not math.isnan(sum(fractions))
