@@ -148,6 +148,8 @@ def mix_batch_across_group(
             on shapes, dtypes, target kind or ``num_classes``.
     """
     rank, world = group_rank_and_size(group)
+    if rank < 0:
+        raise ValueError(f'this process is not a member of process_group {group!r}: it cannot mix over it')
     kind, problem = _kind_and_problem(input, target, num_classes, mix_target)
     if world == 1:
         if problem is not None:

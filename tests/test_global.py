@@ -186,3 +186,29 @@ def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
     status, message, elapsed = torch.load(tmp_path / 'rank0.outcome')
     assert status == 'raised', message
     assert elapsed < 10 + 5, elapsed
+
+
+def _custom_group_on_rank(rank, world):
+    groups = [dist.new_group([0, 3]), dist.new_group([1, 2])]
+    mine = groups[0] if rank in (0, 3) else groups[1]
+    x = torch.full((2, 1, 4, 4), float(rank))
+    y = torch.tensor([rank, rank])
+    r = mix_batch_across_group(x, y, seed=SEED, batch=0, group=mine, num_classes=4, alpha=0.0)
+    foreign = None
+    try:
+        mix_batch_across_group(x, y, seed=SEED, batch=0, group=groups[1] if mine is groups[0] else groups[0],
+                               num_classes=4)
+    except ValueError as e:
+        foreign = str(e)
+    # a box covering the whole image makes every pixel the partner's
+    full = mix_batch_across_group(x, y, seed=SEED, batch=0, group=mine, num_classes=4, mix_target=False)
+    return r.lam, full.partner_target.tolist(), foreign
+
+
+def test_a_user_process_group_limits_partners_to_its_members(tmp_path):
+    results = run_ranks(_custom_group_on_rank, 4, tmp_path)
+    members = {0: {0, 3}, 3: {0, 3}, 1: {1, 2}, 2: {1, 2}}
+    for rank, (lam, partner_labels, foreign) in enumerate(results):
+        assert lam == 1.0
+        assert set(partner_labels) <= members[rank]
+        assert foreign is not None and 'not a member of process_group' in foreign
