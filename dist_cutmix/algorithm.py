@@ -49,10 +49,12 @@ class CutMix(Algorithm):
         num_classes: number of classes, to turn index targets into soft ones. By default taken
             from a train metric's or the model's ``num_classes``.
         process_group: the group to mix over in ``'global'`` mode (default: all ranks).
-        wrap_train_metrics: at fit start, wrap each stock torchmetrics classification train
-            metric in :class:`~dist_cutmix.metrics.SoftTargetWrapper` (logged), so that no metric
-            silently reports a wrong number on soft targets. With ``False``, such a metric
-            stops training with an error that names the fix.
+        wrap_train_metrics: before checkpoint loading and at fit start, replace each stock
+            torchmetrics classification train metric (logged): a micro ``MulticlassAccuracy``
+            by :class:`~dist_cutmix.metrics.SoftTargetAccuracy`, others by
+            :class:`~dist_cutmix.metrics.SoftTargetWrapper`, so that no metric silently reports
+            a wrong number on soft targets. With ``False``, such a metric stops training with an
+            error that names the fix.
 
     Raises:
         ValueError: on a bad ``alpha`` or ``mode``, or a ``process_group`` outside ``'global'`` mode.
@@ -104,14 +106,17 @@ class CutMix(Algorithm):
     # ------------------------------------------------------------------ events
 
     def match(self, event: Event, state: State) -> bool:
-        if event in (Event.FIT_START, Event.AFTER_DATALOADER):
+        if event in (Event.BEFORE_LOAD, Event.FIT_START, Event.AFTER_DATALOADER):
             return True
         return self.interpolate_loss and event in (Event.BEFORE_TRAIN_BATCH, Event.BEFORE_BACKWARD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.FIT_START:
-            self._setup_group()
+        if event == Event.BEFORE_LOAD:
+            # Before a checkpoint's metric states are loaded, so they land in the soft-aware metrics.
             self._check_train_metrics(state, logger)
+        elif event == Event.FIT_START:
+            self._setup_group()
+            self._check_train_metrics(state, logger)  # metrics may have changed since; a no-op otherwise
         elif event == Event.AFTER_DATALOADER:
             self._mix(state, logger)
         elif event == Event.BEFORE_TRAIN_BATCH:

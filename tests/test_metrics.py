@@ -1,0 +1,395 @@
+"""Tests of dist_cutmix.metrics: soft-target accuracy, the argmax wrapper and Composer's train metrics."""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MultilabelAccuracy,
+)
+
+from dist_cutmix.metrics import SoftTargetAccuracy, SoftTargetWrapper, prepare_train_metrics, soft_target_accuracy
+from tests.spawn import run_ranks
+
+
+def soft_batch(seed: int, n: int, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Random logits and CutMix-like targets ``lam * onehot(own) + (1 - lam) * onehot(partner)``, one λ per row."""
+    g = torch.Generator().manual_seed(seed)
+    preds = torch.randn(n, num_classes, generator=g)
+    own = torch.randint(0, num_classes, (n,), generator=g)
+    partner = torch.randint(0, num_classes, (n,), generator=g)
+    lam = torch.rand(n, 1, generator=g)
+    target = lam * F.one_hot(own, num_classes) + (1 - lam) * F.one_hot(partner, num_classes)
+    return preds, target
+
+
+def expected_accuracy(preds: Tensor, target: Tensor) -> Tensor:
+    """Reference: mean target mass on the argmax class, written out by hand."""
+    return (target * F.one_hot(preds.argmax(dim=1), target.shape[1])).sum(dim=1).mean()
+
+
+# ----------------------------------------------------------------------------- SoftTargetAccuracy
+
+
+@pytest.mark.parametrize('top_k', [1, 5])
+def test_equals_torchmetrics_micro_accuracy_on_index_targets(top_k: int) -> None:
+    g = torch.Generator().manual_seed(1234 + top_k)
+    for case in range(60):
+        num_classes = int(torch.randint(max(top_k, 2), 13, (1,), generator=g))  # torchmetrics needs C >= 2
+        metric = SoftTargetAccuracy(num_classes, top_k=top_k)
+        reference = MulticlassAccuracy(num_classes, top_k=top_k, average='micro')
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+            n = int(torch.randint(1, 40, (1,), generator=g))
+            preds = torch.randn(n, num_classes, generator=g)
+            if case % 2:  # probabilities as well as logits
+                preds = preds.softmax(dim=1)
+            target = torch.randint(0, num_classes, (n,), generator=g)
+            torch.testing.assert_close(soft_target_accuracy(preds, target, top_k=top_k), reference(preds, target))
+            metric.update(preds, target)
+        torch.testing.assert_close(metric.compute(), reference.compute(), msg=f'case {case}, C={num_classes}')
+
+
+def test_one_hot_targets_score_like_index_targets() -> None:
+    preds, _ = soft_batch(0, 50, 6)
+    labels = torch.randint(0, 6, (50,), generator=torch.Generator().manual_seed(1))
+    for top_k in (1, 3):
+        torch.testing.assert_close(
+            soft_target_accuracy(preds, F.one_hot(labels, 6).float(), top_k=top_k),
+            soft_target_accuracy(preds, labels, top_k=top_k),
+        )
+
+
+def test_cutmix_targets_score_lambda_for_own_and_one_minus_lambda_for_partner() -> None:
+    lam = 0.7
+    own, partner = torch.tensor([0, 1, 2]), torch.tensor([3, 2, 0])
+    target = lam * F.one_hot(own, 4) + (1 - lam) * F.one_hot(partner, 4)
+    # Row 0 names its own class, row 1 its partner's, row 2 neither.
+    preds = torch.tensor([[5.0, 0.0, 0.0, 1.0], [0.0, 1.0, 5.0, 0.0], [1.0, 5.0, 0.0, 0.0]])
+    torch.testing.assert_close(soft_target_accuracy(preds, target), torch.tensor((0.7 + 0.3 + 0.0) / 3))
+    # The top 2 hold own and partner in rows 0 and 1 (mass 1), and only the partner in row 2.
+    torch.testing.assert_close(soft_target_accuracy(preds, target, top_k=2), torch.tensor((1.0 + 1.0 + 0.3) / 3))
+    metric = SoftTargetAccuracy(num_classes=4)
+    metric.update(preds[:2], target[:2])
+    metric.update(preds[2:], target[2:])
+    torch.testing.assert_close(metric.compute(), torch.tensor((0.7 + 0.3 + 0.0) / 3))
+
+
+def test_class_and_function_agree_on_random_soft_batches() -> None:
+    metric = SoftTargetAccuracy(num_classes=7, top_k=2)
+    batches = [soft_batch(seed, n, 7) for seed, n in enumerate([3, 17, 8])]
+    for preds, target in batches:
+        metric.update(preds, target)
+    preds = torch.cat([p for p, _ in batches])
+    target = torch.cat([t for _, t in batches])
+    torch.testing.assert_close(metric.compute(), soft_target_accuracy(preds, target, top_k=2))
+    torch.testing.assert_close(
+        soft_target_accuracy(preds, target), expected_accuracy(preds, target),
+    )
+
+
+def test_stock_accuracy_misreads_soft_targets_and_ours_does_not() -> None:
+    preds, target = soft_batch(3, 64, 5)
+    stock = MulticlassAccuracy(num_classes=5, average='micro')(preds, target)
+    truth = expected_accuracy(preds, target)
+    assert truth > 0.1
+    assert stock == 0.0  # the failure this module exists for
+    torch.testing.assert_close(SoftTargetAccuracy(num_classes=5)(preds, target), truth)
+
+
+def test_empty_state_computes_zero_and_reset_clears() -> None:
+    metric = SoftTargetAccuracy(num_classes=3)
+    preds, target = soft_batch(4, 9, 3)
+    metric.update(preds, target)
+    metric.reset()
+    metric.update(preds[:2], target[:2])
+    torch.testing.assert_close(metric.compute(), expected_accuracy(preds[:2], target[:2]))
+    metric.reset()
+    with pytest.warns(UserWarning):  # torchmetrics: compute before update
+        torch.testing.assert_close(metric.compute(), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize(
+    ('call', 'match'),
+    [
+        (lambda: SoftTargetAccuracy(num_classes=4, top_k=0), r'top_k .* got top_k=0'),
+        (lambda: SoftTargetAccuracy(num_classes=4, top_k=5), r'num_classes=4, got top_k=5'),
+        (lambda: SoftTargetAccuracy(num_classes=0), r'num_classes=0'),
+        (lambda: soft_target_accuracy(torch.randn(3, 4), torch.tensor([0, 1, 2]), top_k=5), r'got top_k=5'),
+        (lambda: soft_target_accuracy(torch.randn(3, 4), torch.tensor([0, 1])), r'shape \(2,\)'),
+        (lambda: soft_target_accuracy(torch.randn(3, 4), torch.full((3, 5), 0.2)), r'target has 5, preds has 4'),
+        (lambda: soft_target_accuracy(torch.randn(3, 4), torch.full((3, 4), 0.5)), r'sum to 1'),
+        (lambda: soft_target_accuracy(torch.randn(3, 4), torch.tensor([0, 1, 4])), r'\[0, 4\).*\[0, 4\]'),
+        (lambda: soft_target_accuracy(torch.randn(3, 4), torch.tensor([0.0, 1.0, 2.0])), r'integer dtype'),
+        (lambda: soft_target_accuracy(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])), r'preds must be'),
+        (lambda: SoftTargetAccuracy(num_classes=5).update(torch.randn(3, 4), torch.tensor([0, 1, 2])),
+         r'num_classes=5 columns, got preds of shape \(3, 4\)'),
+    ],
+)
+def test_bad_arguments_raise_naming_the_value(call: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- SoftTargetWrapper
+
+
+@pytest.mark.parametrize(
+    'make',
+    [
+        lambda: MulticlassF1Score(num_classes=5, average='macro'),
+        lambda: MulticlassConfusionMatrix(num_classes=5),
+        lambda: MulticlassAccuracy(num_classes=5, average='micro', top_k=2),
+    ],
+)
+def test_wrapper_on_soft_targets_equals_bare_metric_on_argmax_labels(make: Any) -> None:
+    wrapped, bare = SoftTargetWrapper(make()), make()
+    for seed, n in enumerate([6, 13, 1]):
+        preds, target = soft_batch(10 + seed, n, 5)
+        torch.testing.assert_close(wrapped(preds, target), bare(preds, target.argmax(dim=1)))  # forward: batch value
+    preds, target = soft_batch(20, 7, 5)
+    wrapped.update(preds, target)
+    bare.update(preds, target.argmax(dim=1))
+    torch.testing.assert_close(wrapped.compute(), bare.compute())
+    # Index labels pass unchanged.
+    labels = torch.randint(0, 5, (7,), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(SoftTargetWrapper(make())(preds, labels), make()(preds, labels))
+
+
+def test_wrapper_deepcopy_state_dict_reset_and_flags() -> None:
+    metric = SoftTargetWrapper(MulticlassF1Score(num_classes=4, average='macro'))
+    preds, target = soft_batch(30, 12, 4)
+    metric.update(preds, target)
+    expected = MulticlassF1Score(num_classes=4, average='macro')(preds, target.argmax(dim=1))
+
+    clone = copy.deepcopy(metric)
+    torch.testing.assert_close(clone.compute(), expected)
+    clone.update(*soft_batch(31, 5, 4))  # the copy has its own states
+    torch.testing.assert_close(metric.compute(), expected)
+
+    metric.persistent(True)  # what Composer's checkpointing does
+    state = metric.state_dict()
+    assert {'wrapped_metric.tp', 'wrapped_metric.fn'} <= set(state)
+    restored = SoftTargetWrapper(MulticlassF1Score(num_classes=4, average='macro'))
+    restored.load_state_dict(state)
+    restored._update_count += 1  # what Composer does on load; it must reach the wrapped metric
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no "compute called before update"
+        torch.testing.assert_close(restored.compute(), expected)
+
+    metric.reset()
+    assert int(metric.wrapped_metric.tp.sum()) == 0
+    assert metric.num_classes == 4 and metric.higher_is_better is True and metric.is_differentiable is False
+
+
+def test_wrapper_moves_wrapped_states_with_it() -> None:
+    metric = SoftTargetWrapper(MulticlassConfusionMatrix(num_classes=3)).to('meta')
+    assert metric.wrapped_metric.confmat.device.type == 'meta'
+
+
+def test_wrapper_rejects_what_it_cannot_serve() -> None:
+    with pytest.raises(TypeError, match='MultilabelAccuracy'):
+        SoftTargetWrapper(MultilabelAccuracy(num_labels=3))
+    with pytest.raises(TypeError, match='Linear'):
+        SoftTargetWrapper(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+    metric = SoftTargetWrapper(MulticlassF1Score(num_classes=4))
+    with pytest.raises(ValueError, match=r'num_classes=4 columns .* shape \(2, 3\)'):
+        metric.update(torch.randn(2, 4), torch.full((2, 3), 1 / 3))
+
+
+# ----------------------------------------------------------------------------- prepare_train_metrics
+
+
+def test_prepare_replaces_micro_accuracy_and_wraps_other_classification_metrics(caplog: Any) -> None:
+    from composer.metrics import CrossEntropy
+
+    accuracy = MulticlassAccuracy(num_classes=6, top_k=2, average='micro', dist_sync_on_step=True)
+    macro = MulticlassAccuracy(num_classes=6, average='macro')
+    f1 = MulticlassF1Score(num_classes=6)
+    ours = SoftTargetAccuracy(num_classes=6)
+    cross_entropy = CrossEntropy()
+    metrics = {'acc': accuracy, 'macro': macro, 'f1': f1, 'ours': ours, 'ce': cross_entropy}
+    original = dict(metrics)
+
+    with caplog.at_level(logging.INFO, logger='dist_cutmix'):
+        prepared = prepare_train_metrics(metrics)
+
+    assert list(prepared) == list(metrics)
+    assert metrics == original  # the input is left alone
+    assert isinstance(prepared['acc'], SoftTargetAccuracy)
+    assert (prepared['acc'].num_classes, prepared['acc'].top_k, prepared['acc'].dist_sync_on_step) == (6, 2, True)
+    assert isinstance(prepared['macro'], SoftTargetWrapper) and prepared['macro'].wrapped_metric is macro
+    assert isinstance(prepared['f1'], SoftTargetWrapper) and prepared['f1'].wrapped_metric is f1
+    assert prepared['ours'] is ours and prepared['ce'] is cross_entropy
+
+    records = [r for r in caplog.records if r.name == 'dist_cutmix']
+    assert len(records) == 1
+    message = records[0].getMessage()
+    for name in ("'acc'", "'macro'", "'f1'", 'MulticlassF1Score', 'SoftTargetAccuracy'):
+        assert name in message
+    assert "'ce'" not in message and "'ours'" not in message
+
+    # The replacements read soft targets truthfully.
+    preds, target = soft_batch(40, 20, 6)
+    torch.testing.assert_close(prepared['acc'](preds, target), soft_target_accuracy(preds, target, top_k=2))
+    torch.testing.assert_close(prepared['f1'](preds, target), MulticlassF1Score(num_classes=6)(preds, target.argmax(1)))
+
+    # Idempotent: a second FIT_START changes nothing and logs nothing.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='dist_cutmix'):
+        again = prepare_train_metrics(prepared)
+    assert all(again[k] is prepared[k] for k in prepared)
+    assert not [r for r in caplog.records if r.name == 'dist_cutmix']
+
+
+def test_prepare_without_wrapping_raises_naming_metric_and_fix() -> None:
+    metrics = {'train_f1': MulticlassF1Score(num_classes=3), 'ours': SoftTargetAccuracy(num_classes=3)}
+    with pytest.raises(ValueError, match=r"'train_f1' \(MulticlassF1Score\).*SoftTargetWrapper.*wrap_train_metrics=True"):
+        prepare_train_metrics(metrics, wrap=False)
+    fine = {'ours': SoftTargetAccuracy(num_classes=3), 'wrapped': SoftTargetWrapper(MulticlassF1Score(num_classes=3))}
+    assert prepare_train_metrics(fine, wrap=False) == fine
+
+
+def test_prepare_edge_cases() -> None:
+    assert prepare_train_metrics(None) == {}
+    assert prepare_train_metrics({}) == {}
+    with pytest.raises(ValueError, match=r"'tags' \(MultilabelAccuracy\).*interpolate_loss=True"):
+        prepare_train_metrics({'tags': MultilabelAccuracy(num_labels=3)})
+
+
+# ----------------------------------------------------------------------------- two gloo ranks
+
+RANK_SIZES = (5, 11)  # uneven on purpose
+NUM_CLASSES = 4
+
+
+def _rank_data(rank: int) -> tuple[Tensor, Tensor]:
+    return soft_batch(100 + rank, RANK_SIZES[rank], NUM_CLASSES)
+
+
+def _make_metrics() -> dict[str, Any]:
+    return {
+        'accuracy': SoftTargetAccuracy(NUM_CLASSES),
+        'f1': SoftTargetWrapper(MulticlassF1Score(NUM_CLASSES, average='macro')),
+        'confmat': SoftTargetWrapper(MulticlassConfusionMatrix(NUM_CLASSES)),
+    }
+
+
+def _synced_metrics(rank: int, world_size: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    assert dist.is_initialized() and dist.get_world_size() == world_size
+    preds, target = _rank_data(rank)
+    metrics = _make_metrics()
+    for metric in metrics.values():
+        metric.update(preds[:3], target[:3])
+        metric.update(preds[3:], target[3:])
+    synced = {name: metric.compute() for name, metric in metrics.items()}
+    synced['local_count'] = int(metrics['accuracy'].count)  # unsynced again after compute
+    return synced
+
+
+def test_two_ranks_sync_to_the_value_over_the_union(tmp_path: Any) -> None:
+    results = run_ranks(_synced_metrics, 2, tmp_path)
+    data = [_rank_data(rank) for rank in range(2)]
+    preds = torch.cat([p for p, _ in data])
+    target = torch.cat([t for _, t in data])
+    union = _make_metrics()
+    for metric in union.values():
+        metric.update(preds, target)
+    for rank, result in enumerate(results):
+        assert result['local_count'] == RANK_SIZES[rank]
+        for name, metric in union.items():
+            torch.testing.assert_close(result[name], metric.compute(), msg=f'rank {rank}, {name}')
+    # The synced accuracy is not rank 0's own: the test would notice a sync that did nothing.
+    assert not torch.allclose(results[0]['accuracy'], soft_target_accuracy(*data[0]))
+
+
+# ----------------------------------------------------------------------------- a real Composer Trainer
+
+
+def _train(num_batches: int, wrap: bool = True) -> tuple[Any, list[tuple[Tensor, Tensor]], Any]:
+    """Train a tiny ComposerClassifier with dist_cutmix.CutMix; return trainer, (outputs, targets) per batch, logger."""
+    from composer import Callback, Event, Trainer
+    from composer.loggers import InMemoryLogger
+    from composer.models import ComposerClassifier
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dist_cutmix import CutMix
+
+    class Recorder(Callback):
+        def __init__(self) -> None:
+            self.batches: list[tuple[Tensor, Tensor]] = []
+
+        def run_event(self, event: Event, state: Any, logger: Any) -> None:
+            if event == Event.AFTER_FORWARD:
+                self.batches.append((state.outputs.detach().clone(), state.batch[1].detach().clone()))
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 8, 8, generator=g)
+    labels = torch.randint(0, 4, (16,), generator=g)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 4),
+    )
+    train_metrics = [MulticlassAccuracy(num_classes=4, average='micro'), MulticlassF1Score(num_classes=4, average='macro')]
+    from torchmetrics import MetricCollection
+
+    model = ComposerClassifier(net, num_classes=4, train_metrics=MetricCollection(train_metrics))
+    recorder, in_memory = Recorder(), InMemoryLogger()
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(TensorDataset(images, labels), batch_size=4),
+        max_duration=f'{num_batches}ba',
+        algorithms=[CutMix(alpha=1.0, wrap_train_metrics=wrap)],
+        callbacks=[recorder],
+        loggers=[in_memory],
+        optimizers=torch.optim.SGD(net.parameters(), lr=0.5),
+        device='cpu',
+        seed=7,
+        progress_bar=False,
+        log_to_console=False,
+    )
+    trainer.fit()
+    return trainer, recorder.batches, in_memory
+
+
+def _per_batch(in_memory: Any, key: str) -> dict[int, Tensor]:
+    values: dict[int, Tensor] = {}
+    for timestamp, value in in_memory.data[key]:
+        values.setdefault(int(timestamp.batch), value)  # the epoch-end entry repeats the last batch
+    return values
+
+
+def test_trainer_reports_true_train_accuracy_on_mixed_targets() -> None:
+    num_batches = 4
+    trainer, batches, in_memory = _train(num_batches)
+    assert len(batches) == num_batches
+    assert any(bool((target.max(dim=1).values < 1).any()) for _, target in batches), 'CutMix mixed nothing'
+
+    accuracy = _per_batch(in_memory, 'metrics/train/MulticlassAccuracy')
+    f1 = _per_batch(in_memory, 'metrics/train/MulticlassF1Score')
+    for b, (outputs, target) in enumerate(batches):
+        assert target.shape == (4, 4)
+        torch.testing.assert_close(accuracy[b], expected_accuracy(outputs, target), msg=f'batch {b}')
+        reference_f1 = MulticlassF1Score(num_classes=4, average='macro')(outputs, target.argmax(dim=1))
+        torch.testing.assert_close(f1[b], reference_f1, msg=f'batch {b}')
+
+    metrics = trainer.state.train_metrics
+    assert isinstance(metrics['MulticlassAccuracy'], SoftTargetAccuracy)
+    assert isinstance(metrics['MulticlassF1Score'], SoftTargetWrapper)
+    torch.testing.assert_close(metrics['MulticlassAccuracy'].compute(), expected_accuracy(*batches[-1]))
+
+
+def test_trainer_without_wrapping_stops_with_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"'MulticlassAccuracy' \(MulticlassAccuracy\).*wrap_train_metrics=True"):
+        _train(1, wrap=False)
