@@ -272,3 +272,13 @@ def test_cross_rank_fraction_is_fair(tmp_path):
     # expected (W-1)/W * n/(n-1) about 0.53 for derangements of 16 over 2 ranks; allow wide noise
     assert 0.2 < sum(fractions) / len(fractions) < 0.9
     assert not math.isnan(sum(fractions))
+
+
+def test_train_accuracy_is_the_same_with_microbatches():
+    _, _, whole = run_trainer([CutMix()], batch_size=8, duration='3ba')
+    _, _, split = run_trainer([CutMix()], batch_size=8, duration='3ba', microbatch=2)
+    key = 'metrics/train/MulticlassAccuracy'
+    a = [float(v) for _, v in whole.data[key]]
+    b = [float(v) for _, v in split.data[key]]
+    assert len(a) == 3 and a == pytest.approx(b, abs=1e-6)
+    assert any(abs(v * 8 - round(v * 8)) > 1e-4 for v in a)  # soft scores, not counts of hits out of 8
