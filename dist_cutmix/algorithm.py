@@ -6,11 +6,11 @@ import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.distributed as torch_dist
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from dist_cutmix.distributed import ProcessGroup, node_group
 from dist_cutmix.functional import validate_alpha
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 
@@ -76,7 +76,7 @@ class CutMix(Algorithm):
         seed: Optional[int] = None,
         exclude_self: bool = True,
         num_classes: Optional[int] = None,
-        process_group: Optional[torch_dist.ProcessGroup] = None,
+        process_group: ProcessGroup = None,
         wrap_train_metrics: bool = True,
     ) -> None:
         self.alpha = validate_alpha(alpha)
@@ -97,7 +97,7 @@ class CutMix(Algorithm):
         self.num_classes = num_classes
         self.process_group = process_group
         self.wrap_train_metrics = wrap_train_metrics
-        self._group: Optional[torch_dist.ProcessGroup] = process_group
+        self._group: ProcessGroup = process_group
         self._group_ready = mode == 'local' or process_group is not None
         self._warned_single = False
         self._last: Optional[MixResult] = None
@@ -131,12 +131,8 @@ class CutMix(Algorithm):
         if self._group_ready:
             return
         self._group_ready = True
-        if self.mode != 'node' or not dist.is_initialized() or dist.get_world_size() == 1:
-            return
-        local, world = dist.get_local_world_size(), dist.get_world_size()
-        if world % local:
-            raise ValueError(f"mode='node' needs the world size {world} to be a multiple of the local world size {local}")
-        self._group, _ = torch_dist.new_subgroups(group_size=local)
+        if self.mode == 'node':
+            self._group = node_group(dist.get_local_world_size())
 
     def _check_train_metrics(self, state: State, logger: Logger) -> None:
         if self.interpolate_loss:  # targets stay index labels: stock metrics read them correctly

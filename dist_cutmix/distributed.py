@@ -24,6 +24,7 @@ __all__ = [
     'exchange_rows',
     'group_rank_and_size',
     'group_stream_key',
+    'node_group',
 ]
 
 ProcessGroup = Optional[dist.ProcessGroup]
@@ -45,6 +46,24 @@ def group_stream_key(group: ProcessGroup) -> tuple[str, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return ('group', 0)
     return ('group', min(dist.get_process_group_ranks(group or dist.group.WORLD)))
+
+
+def node_group(local_world_size: int) -> ProcessGroup:
+    """The process group of this node's ranks; every rank must call it (it creates all nodes' groups).
+
+    Ranks are laid out node by node (``global = node * local_world_size + local``), as Composer's
+    launcher does. ``None`` without a process group or with one process.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    world = dist.get_world_size()
+    if local_world_size < 1 or world % local_world_size:
+        raise ValueError(
+            f"mode='node' needs the world size {world} to be a multiple of the local world size, "
+            f'got local_world_size={local_world_size}',
+        )
+    group, _ = dist.new_subgroups(group_size=local_world_size)
+    return group
 
 
 def _comm_device(group: ProcessGroup) -> torch.device:
