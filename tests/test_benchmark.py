@@ -1,0 +1,135 @@
+"""launch/benchmark.py runs every part at tiny sizes and reports what it should.
+
+Timings are never asserted (they depend on the machine and its load); shapes of the report,
+positive numbers, byte counts (exact arithmetic) and the same-work checks inside the script are.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip('timm', reason="the op benchmark compares against timm: pip install '.[bench]'")
+pytest.importorskip('torchvision')
+
+_LAUNCH = str(Path(__file__).resolve().parents[1] / 'launch')
+if _LAUNCH not in sys.path:
+    sys.path.insert(0, _LAUNCH)
+
+import benchmark as bench  # noqa: E402
+
+from tests.spawn import run_ranks  # noqa: E402
+
+TINY = ['--quick', '--op-shapes', '4x3x8x8', '--exchange-shapes', '4x3x8x8,2x1x6x6', '--iters', '2']
+
+
+@pytest.fixture
+def keep_threads():
+    """main() sets torch's thread count; give the test process its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_quick_run_reports_every_part(tmp_path, capsys, keep_threads):
+    out = tmp_path / 'bench.json'
+    bench.main([*TINY, '--json', str(out)])
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+
+    assert report['environment']['threads'] == 1
+    assert 'torch.set_num_threads(1)' in printed
+
+    # op: one row per shape and layout, every implementation timed, every ratio positive
+    assert [(r['shape'], r['layout']) for r in report['op']] == [([4, 3, 8, 8], k) for k in bench.LAYOUTS]
+    impls = {'floor', 'ours', 'ours+targets', 'ours cutmix_batch', 'proposed', 'composer', 'timm', 'torchvision'}
+    for row in report['op']:
+        assert set(row['median_s']) == impls
+        assert all(_positive(v) for v in row['median_s'].values())
+        assert all(len(v) == row['iters'] >= 2 for v in row['samples_s'].values())
+        assert _positive(row['floor_gbps']) and set(row['faults_per_call']) == impls
+        assert all(_positive(v) for v in row['ratio'].values())
+        assert row['profile'] and all(name.startswith('aten::') for name, _ in row['profile'])
+    assert '| 4x3x8x8 | channels_last |' in printed
+
+    # exchange: one row per world size and shape; bytes are exact arithmetic
+    rows = report['exchange']
+    assert [(r['world'], r['shape']) for r in rows] == [(2, [4, 3, 8, 8]), (2, [2, 1, 6, 6])]
+    for r in rows:
+        b, c, h, w = r['shape']
+        assert r['bytes_per_rank']['allgather'] == (r['world'] - 1) * b * (c * h * w * 4 + 8)
+        assert 0 < r['bytes_per_rank']['ours'] < r['bytes_per_rank']['allgather']
+        assert all(_positive(v) for v in r['median_s'].values())
+        assert _positive(r['time_ratio']) and r['bytes_ratio'] > 1
+        assert all(len(v) == 2 for v in r['step_s'].values())
+
+    # step: local on one rank, global on two, with and without CutMix
+    assert [(r['mode'], r['world']) for r in report['step']] == [('local', 1), ('global', 2)]
+    for r in report['step']:
+        assert all(_positive(v) for v in r['median_step_s'].values())
+        assert _positive(r['median_mix_s'])
+        assert math.isfinite(r['share'])
+        assert len(r['step_s']['with']) == len(r['step_s']['without']) == 2
+        assert len(r['alternating_s']['plain']) == len(r['alternating_s']['mixed']) == 2
+        assert math.isfinite(r['separate_runs_share']) and math.isfinite(r['null_share'])
+
+    # targets: every one listed; those this tiny run cannot measure say so
+    assert [t['key'] for t in report['targets']] == list(bench.TARGETS)
+    measured = {t['key']: t['measured'] for t in report['targets']}
+    assert measured['op_vs_composer'] is None and measured['exchange_time'] is None
+    assert measured['op_vs_floor'] is not None and measured['step_global'] is not None
+    for header in ('### The op: median ms per call', '### The exchange', '### The training step', '### Targets'):
+        assert header in printed
+
+
+def test_part_picks_one_part(capsys, keep_threads):
+    report = bench.main(['--part', 'op', '--quick', '--op-shapes', '2x3x4x4', '--layouts', 'bfloat16', '--iters', '1'])
+    assert [r['layout'] for r in report['op']] == ['bfloat16']
+    assert report['exchange'] == [] and report['step'] == []
+    assert '### The exchange' not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv', [['--iters', '0'], ['--worlds', '1'], ['--layouts', 'float64'],
+                                  ['--op-shapes', '4x3x8']])
+def test_bad_arguments_are_refused(argv):
+    with pytest.raises(SystemExit):
+        bench._parse_args(argv)
+
+
+def _launched_rank(rank: int, world: int, out: str) -> dict:
+    """As under ``composer -n 2``: the process group exists before the script starts."""
+    import benchmark
+
+    return benchmark.main(['--part', 'exchange', *TINY, '--json', out])
+
+
+def test_under_a_launcher_the_exchange_runs_on_its_process_group(tmp_path):
+    out = tmp_path / 'launched.json'
+    reports = run_ranks(_launched_rank, 2, tmp_path, str(out), deadline_s=120)
+    assert [len(r['exchange']) for r in reports] == [2, 2]
+    written = json.loads(out.read_text())  # rank 0 writes it
+    assert [(r['world'], r['shape']) for r in written['exchange']] == [(2, [4, 3, 8, 8]), (2, [2, 1, 6, 6])]
+    assert all(r['bytes_ratio'] > 1 for r in written['exchange'])
+
+
+def _launched_wrong_part(rank: int, world: int) -> str:
+    import benchmark
+
+    try:
+        benchmark.main(['--part', 'op', '--quick'])
+    except SystemExit as e:
+        return str(e)
+    return 'no error'
+
+
+def test_under_a_launcher_other_parts_are_refused(tmp_path):
+    messages = run_ranks(_launched_wrong_part, 2, tmp_path, deadline_s=60)
+    assert all('only --part exchange' in m for m in messages)
