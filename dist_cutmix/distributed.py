@@ -10,6 +10,7 @@ gathering the global batch.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -161,16 +162,30 @@ class ExchangePlan:
         return sum(self.send_counts) - self.send_counts[rank]
 
 
-def exchange_rows(rows: Tensor, plan: ExchangePlan, group: ProcessGroup) -> Tensor:
-    """Send ``rows`` (already in ``plan.send_order``) and return the partner rows, in local order.
+def exchange_rows(rows: Sequence[Tensor], plan: ExchangePlan, group: ProcessGroup) -> list[Tensor]:
+    """Send each tensor of ``rows`` (already in ``plan.send_order``); return the partner rows, in local order.
 
-    ``rows`` has a leading dim of this rank's batch size; the rest of its shape and its dtype
-    must agree across ranks (:func:`agree_on_batch` checks). One ``all_to_all_single``; none
-    for a group of one.
+    Each tensor has a leading dim of this rank's batch size; the rest of its shape and its dtype
+    must agree across ranks (:func:`agree_on_batch` checks). Several tensors (crops and labels) are
+    packed row by row into one byte buffer, so the whole exchange is one ``all_to_all_single``:
+    each collective costs a round of latency. No collective for a group of one.
     """
     # gloo reads raw memory: a channels_last or strided tensor would arrive scrambled.
-    send = rows.contiguous()
-    if len(plan.send_counts) == 1:  # a group of one: every row stays here, no collective
+    parts = [t.contiguous() for t in rows]
+    n = parts[0].shape[0]
+    if len(parts) == 1 or len({t.device for t in parts}) > 1:
+        return [_exchange_one(t, plan, group) for t in parts]
+    flat = [t.reshape(n, math.prod(t.shape[1:])).view(torch.uint8) for t in parts]
+    received = _exchange_one(torch.cat(flat, dim=1), plan, group)
+    widths = [f.shape[1] for f in flat]
+    return [
+        chunk.contiguous().view(t.dtype).reshape(received.shape[0], *t.shape[1:])
+        for chunk, t in zip(received.split(widths, dim=1), parts)
+    ]
+
+
+def _exchange_one(send: Tensor, plan: ExchangePlan, group: ProcessGroup) -> Tensor:
+    if len(plan.send_counts) == 1:  # a group of one: every row stays here
         received = send
     else:
         received = send.new_empty((sum(plan.recv_counts), *send.shape[1:]))

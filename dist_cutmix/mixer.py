@@ -172,21 +172,21 @@ def mix_batch_across_group(
     self_owner = torch.searchsorted(bounds, torch.arange(sum(sizes)), right=True)
     cross = float((owners != self_owner).float().mean()) if sum(sizes) else 0.0
 
-    box, bytes_sent = params.box, 0
-    if params.lam < 1.0 and sum(sizes):
-        crops = F.gather_crops(input, plan.send_order, box)
-        bytes_sent += plan.cross_rank_rows_sent(rank) * crops[0:1].numel() * crops.element_size()
-        crops = exchange_rows(crops, plan, group)
-        mixed = F.paste_crops(input, crops, box, inplace=inplace)
+    box = params.box
+    send_target = F.gather_crops(target, plan.send_order, box) if kind == 'dense' \
+        else target[plan.send_order.to(target.device)]
+    send = [send_target]
+    move_crops = params.lam < 1.0 and sum(sizes) > 0
+    if move_crops:
+        send.append(F.gather_crops(input, plan.send_order, box))
+    row_bytes = sum(t[0:1].numel() * t.element_size() for t in send)
+    bytes_sent = plan.cross_rank_rows_sent(rank) * row_bytes
+    received = exchange_rows(send, plan, group)
+    partner_target = received[0]
+    if move_crops:
+        mixed = F.paste_crops(input, received[1], box, inplace=inplace)
     else:
         mixed = input if inplace else input.clone()
-
-    if kind == 'dense':
-        partner_rows = F.gather_crops(target, plan.send_order, box)
-    else:
-        partner_rows = target[plan.send_order.to(target.device)]
-    bytes_sent += plan.cross_rank_rows_sent(rank) * partner_rows[0:1].numel() * partner_rows.element_size()
-    partner_target = exchange_rows(partner_rows, plan, group)
 
     mixed_target = F.mix_targets(target, partner_target, params.lam, box, kind=kind, num_classes=num_classes) \
         if mix_target else target
