@@ -1,0 +1,1 @@
+"""Runnable entry points: ``train.py``, ``visualize.py``, ``experiment.py`` (and ``benchmark.py``)."""

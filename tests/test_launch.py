@@ -1,0 +1,199 @@
+"""End-to-end smoke tests of the launch/ entry points, each at a tiny configuration on real data.
+
+What runs where: the command-line paths (``python launch/train.py``, ``composer -n 2
+launch/train.py``, ``python launch/visualize.py``, ``python launch/experiment.py``) run as
+subprocesses, exactly as a user types them; the other multi-rank checks call ``launch.train.main``
+on real gloo ranks through ``tests.spawn.run_ranks`` (fast: torch and composer preloaded).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.spawn import RankError, run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+COMPOSER = shutil.which('composer', path=str(Path(PYTHON).parent)) or shutil.which('composer')
+
+# A tiny run: 8 steps of 8 images per rank on 64 training images, scored on 40 held-out ones.
+TINY = ['--batch-size', '8', '--train-samples', '64', '--eval-samples', '40', '--threads', '1', '--no-progress-bar']
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    env.pop('RANK', None)
+    env.pop('WORLD_SIZE', None)
+    return env
+
+
+def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f'{" ".join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}'
+    return proc
+
+
+def _check_summary(summary: dict, *, world_size: int, batches: int, batch_size: int = 8) -> None:
+    assert summary['world_size'] == world_size
+    assert summary['batches'] == batches
+    assert summary['samples_seen'] == batches * batch_size * world_size
+    assert summary['global_batch_size'] == batch_size * world_size
+    assert 0.0 <= summary['eval_accuracy'] <= 1.0
+    assert summary['eval_samples'] == 40
+    assert summary['eval_curve'] and summary['eval_curve'][-1]['batch'] == batches
+    assert summary['eval_curve'][-1]['accuracy'] == pytest.approx(summary['eval_accuracy'])
+
+
+# ----------------------------------------------------------------------------- train.py
+
+
+def test_single_process_cli_trains_logs_and_writes_a_summary(tmp_path):
+    out = tmp_path / 'summary.json'
+    proc = _run([PYTHON, 'launch/train.py', *TINY, '--duration', '8ba', '--mode', 'local', '--json', str(out)])
+    summary = json.loads(out.read_text())
+    _check_summary(summary, world_size=1, batches=8)
+    assert summary['mode'] == 'local' and summary['device'] == ('gpu' if torch.cuda.is_available() else 'cpu')
+    # CutMix ran and the soft-target train accuracy was logged (a fraction, not the 0.0 of a stock metric).
+    assert 0.0 < summary['cutmix_lambda_mean'] < 1.0
+    assert 0.0 <= summary['train_soft_accuracy'] <= 1.0
+    assert summary['cutmix_cross_rank_fraction_mean'] is None  # local mode logs no cross-rank share
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith('[launch/train]')]
+    assert len(line) == 1 and 'eval accuracy' in line[0] and 'mode local' in line[0] and 'world size 1' in line[0]
+
+
+@pytest.mark.skipif(COMPOSER is None, reason='the composer launcher is not installed')
+def test_two_ranks_under_the_real_composer_launcher(tmp_path):
+    out = tmp_path / 'summary.json'
+    proc = _run([COMPOSER, '-n', '2', 'launch/train.py', *TINY, '--duration', '4ba', '--mode', 'global',
+                 '--device', 'cpu', '--json', str(out)])
+    summary = json.loads(out.read_text())
+    _check_summary(summary, world_size=2, batches=4)
+    assert summary['mode'] == 'global' and summary['device'] == 'cpu'
+    # With 2 ranks, about half of the partners live on the other rank.
+    assert 0.0 < summary['cutmix_cross_rank_fraction_mean'] < 1.0
+    assert 'world size 2' in proc.stdout
+
+
+def _train_on_rank(rank: int, world_size: int, argv: list[str]) -> dict:
+    from launch.train import main
+
+    return main(argv)
+
+
+def test_two_ranks_with_fsdp2_on_cpu(tmp_path):
+    summaries = run_ranks(_train_on_rank, 2, tmp_path, [*TINY, '--duration', '4ba', '--fsdp', '--mode', 'global'],
+                          deadline_s=90)
+    for summary in summaries:
+        _check_summary(summary, world_size=2, batches=4)
+        assert summary['fsdp'] is True
+    # Metrics are synced across ranks: both ranks report the same numbers.
+    assert summaries[0]['eval_accuracy'] == summaries[1]['eval_accuracy']
+    assert summaries[0]['cutmix_cross_rank_fraction_mean'] == summaries[1]['cutmix_cross_rank_fraction_mean'] > 0
+
+
+@pytest.mark.xfail(
+    raises=RankError, strict=True,
+    reason='dist_cutmix.distributed.exchange_rows (commit 882b851) views a 1-row column slice of the packed '
+           'byte buffer as int64; .contiguous() keeps its row stride 8 + 4 * crop area, which is not a multiple '
+           'of 8 when the crop area is odd (seed 2, batch 1 here). Remove this marker once that is fixed.',
+)
+def test_global_mixing_with_one_image_per_rank(tmp_path):
+    # The case global mixing exists for: a per-rank batch of 1 (launch/experiment.py runs it).
+    summaries = run_ranks(_train_on_rank, 2, tmp_path,
+                          [*TINY, '--batch-size', '1', '--duration', '2ba', '--mode', 'global', '--seed', '2'],
+                          deadline_s=60)
+    for summary in summaries:
+        _check_summary(summary, world_size=2, batches=2, batch_size=1)
+        assert summary['cutmix_cross_rank_fraction_mean'] == 1.0  # with one image per rank, every partner is remote
+
+
+def _checkpoint_and_resume(rank: int, world_size: int, folder: str, extra: list[str]) -> tuple[dict, dict]:
+    from launch.train import main
+
+    common = [*TINY, '--mode', 'global', '--seed', '5', '--duration', '6ba', *extra]
+    # A 6-batch run checkpointed every 3 batches; then a run that resumes from the middle checkpoint,
+    # as after a crash at batch 4 (same --duration: the LR schedule spans the whole run).
+    full = main([*common, '--save-folder', folder, '--save-interval', '3ba'])
+    resumed = main([*common, '--resume', str(Path(folder) / 'ep0-ba3-rank0.pt')])
+    return full, resumed
+
+
+@pytest.mark.parametrize('extra', [[], ['--fsdp']], ids=['ddp', 'fsdp2'])
+def test_resume_from_a_checkpoint_continues_the_run_exactly(tmp_path, extra):
+    folder = tmp_path / 'ckpt'
+    results = run_ranks(_checkpoint_and_resume, 2, tmp_path, str(folder), extra, deadline_s=90)
+    assert (folder / 'ep0-ba3-rank0.pt').is_file() and (folder / 'latest-rank0.pt').exists()
+    for full, resumed in results:
+        assert full['checkpoint'] == str(folder / 'latest-rank0.pt')
+        assert resumed['resumed_from'] == str(folder / 'ep0-ba3-rank0.pt')
+        _check_summary(full, world_size=2, batches=6)
+        _check_summary(resumed, world_size=2, batches=6)
+        assert full['fsdp'] is resumed['fsdp'] is bool(extra)
+        # Weights, optimizer, schedule, data order and CutMix's draws all pick up where they stopped.
+        assert resumed['train_loss'] == pytest.approx(full['train_loss'], rel=1e-5)
+        assert resumed['eval_accuracy'] == full['eval_accuracy']
+
+
+# ----------------------------------------------------------------------------- visualize.py
+
+
+def _mix_for_picture(rank: int, world_size: int) -> dict:
+    from launch.visualize import mix_on_rank
+
+    return mix_on_rank(rank, world_size, 3, 3, 0, 1.0)
+
+
+def test_visualize_captions_name_the_crop_each_image_received(tmp_path):
+    records = run_ranks(_mix_for_picture, 2, tmp_path, deadline_s=60)
+    y0, y1, x0, x1 = records[0]['box']
+    assert all(r['box'] == records[0]['box'] and r['lam'] == records[0]['lam'] for r in records)
+    assert (y1 - y0) * (x1 - x0) > 0
+    for rec in records:
+        for i in range(rec['mixed'].shape[0]):
+            p, j = int(rec['partner_rank'][i]), int(rec['partner_index'][i])
+            partner = records[p]['original'][j]
+            assert torch.equal(rec['mixed'][i, :, y0:y1, x0:x1], partner[:, y0:y1, x0:x1])
+            assert int(rec['partner_label'][i]) == int(records[p]['label'][j])
+    assert any(int(r) != rec['rank'] for rec in records for r in rec['partner_rank'])
+
+
+def test_visualize_cli_writes_a_decodable_png(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / 'grid.png'
+    _run([PYTHON, 'launch/visualize.py', '--out', str(out), '--per-rank', '2', '--dpi', '40'])
+    with Image.open(out) as img:
+        img.verify()
+    with Image.open(out) as img:
+        # figsize (2.3 * per_rank, 2.75 * 2 * world_size) inches at 40 dpi
+        assert img.format == 'PNG' and img.size == (184, 440)
+        rgb = torch.tensor(list(img.convert('RGB').getdata()))
+    red = (rgb[:, 0] > 200) & (rgb[:, 1] < 80) & (rgb[:, 2] < 80)
+    assert int(red.sum()) > 20  # the boxes are outlined
+
+
+# ----------------------------------------------------------------------------- experiment.py
+
+
+def test_experiment_cli_at_a_tiny_configuration(tmp_path):
+    out = tmp_path / 'exp'
+    proc = _run([PYTHON, 'launch/experiment.py', '--world-size', '2', '--modes', 'local', 'global',
+                 '--batch-sizes', '1', '2', '--seeds', '0', '--train-samples', '8', '--eval-samples', '20',
+                 '--epochs', '1', '--out', str(out)], timeout=150)
+    payload = json.loads(out.with_suffix('.json').read_text())
+    assert payload['complete'] is True and len(payload['runs']) == 4
+    assert {(r['mode'], r['batch_size_per_rank']) for r in payload['runs']} == {
+        ('local', 1), ('global', 1), ('local', 2), ('global', 2)}
+    assert {r['samples_seen'] for r in payload['runs']} == {8}  # the same samples for every configuration
+    assert all(r['world_size'] == 2 and 0.0 <= r['eval_accuracy'] <= 1.0 for r in payload['runs'])
+    table = out.with_suffix('.md').read_text()
+    rows = [ln for ln in table.splitlines() if ln.startswith('| ') and ln[2].isdigit()]
+    assert len(rows) == 4 and '| global |' in table and '±' in table
+    assert table in proc.stdout
