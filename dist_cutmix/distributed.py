@@ -178,8 +178,11 @@ def exchange_rows(rows: Sequence[Tensor], plan: ExchangePlan, group: ProcessGrou
     flat = [t.reshape(n, math.prod(t.shape[1:])).view(torch.uint8) for t in parts]
     received = _exchange_one(torch.cat(flat, dim=1), plan, group)
     widths = [f.shape[1] for f in flat]
+    # A fresh buffer per chunk: a column slice is strided, and .contiguous() leaves a one-row slice
+    # as it is (its row stride does not count), whose offset and stride may not suit a wider dtype.
     return [
-        chunk.contiguous().view(t.dtype).reshape(received.shape[0], *t.shape[1:])
+        torch.empty(chunk.shape, dtype=chunk.dtype, device=chunk.device).copy_(chunk)
+        .view(t.dtype).reshape(received.shape[0], *t.shape[1:])
         for chunk, t in zip(received.split(widths, dim=1), parts)
     ]
 

@@ -212,3 +212,18 @@ def test_a_user_process_group_limits_partners_to_its_members(tmp_path):
         assert lam == 1.0
         assert set(partner_labels) <= members[rank]
         assert foreign is not None and 'not a member of process_group' in foreign
+
+
+def test_one_image_per_rank_with_an_odd_crop_area(tmp_path):
+    # One row per rank and an odd box area: the received label bytes start at an offset that is not a
+    # multiple of 8, the case that once broke unpacking the single exchange buffer.
+    def odd(b):
+        y0, y1, x0, x1 = F.sample_params(2, H, W, generator=batch_generator(SEED, b, 'group', 0)).box
+        return (y1 - y0) * (x1 - x0) % 2 == 1
+    batch = next(b for b in range(200) if odd(b))
+    results = run_ranks(_mix_on_rank, 2, tmp_path, [1, 1], 'index', True, False, batch)
+    xs, ys = zip(*(_rank_data(r, 1, 'index') for r in range(2)))
+    single = mix_batch_across_group(torch.cat(xs), torch.cat(ys), seed=SEED, batch=batch, num_classes=K)
+    torch.testing.assert_close(torch.cat([r['input'] for r in results]), single.input, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([r['target'] for r in results]), single.target, rtol=0, atol=0)
+    assert [int(r['partner_rank']) for r in results] == [1, 0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.spawn import RankError, run_ranks
+from tests.spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -98,12 +98,6 @@ def test_two_ranks_with_fsdp2_on_cpu(tmp_path):
     assert summaries[0]['cutmix_cross_rank_fraction_mean'] == summaries[1]['cutmix_cross_rank_fraction_mean'] > 0
 
 
-@pytest.mark.xfail(
-    raises=RankError, strict=True,
-    reason='dist_cutmix.distributed.exchange_rows (commit 882b851) views a 1-row column slice of the packed '
-           'byte buffer as int64; .contiguous() keeps its row stride 8 + 4 * crop area, which is not a multiple '
-           'of 8 when the crop area is odd (seed 2, batch 1 here). Remove this marker once that is fixed.',
-)
 def test_global_mixing_with_one_image_per_rank(tmp_path):
     # The case global mixing exists for: a per-rank batch of 1 (launch/experiment.py runs it).
     summaries = run_ranks(_train_on_rank, 2, tmp_path,
