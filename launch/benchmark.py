@@ -194,23 +194,6 @@ def _draw_params(n: int, h: int, w: int, count: int, seed: int) -> list[F.CutMix
     return [F.sample_params(n, h, w, alpha=1.0, generator=g) for _ in range(count)]
 
 
-def _proposed_apply(input: torch.Tensor, params: F.CutMixParams) -> torch.Tensor:
-    """In-place CutMix with the gather the report proposes for ``functional.gather_crops``.
-
-    ``index_select`` on the box view, taken in the tensor's physical layout (NHWC for
-    channels_last), instead of advanced indexing: same result, fewer passes.
-    """
-    y0, y1, x0, x1 = params.box
-    if y1 <= y0 or x1 <= x0 or input.shape[0] == 0:
-        return input
-    if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
-        region = input.permute(0, 2, 3, 1)[:, y0:y1, x0:x1]
-    else:
-        region = input[..., y0:y1, x0:x1]
-    region.copy_(torch.index_select(region, 0, params.indices))
-    return input
-
-
 @contextmanager
 def _pinned_timm(holder: dict[str, Any]) -> Iterator[Any]:
     """timm's ``Mixup`` in CutMix-only mode, its box and λ pinned to ``holder``'s draw.
@@ -259,7 +242,6 @@ def _check_same_work(x: torch.Tensor, y: torch.Tensor, p: F.CutMixParams, timm_m
         'ours in place': (F.apply_cutmix(x.clone(), p, inplace=True), expect),
         'ours cutmix_batch': (F.cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices,
                                              generator=torch.Generator())[0], expect),
-        'proposed': (_proposed_apply(x.clone(), p), expect),
         'composer': (composer_cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices)[0], expect),
         'timm': (timm_mixup(x.clone(), y)[0], F.apply_cutmix(x, flip)),
         'torchvision': (tv_cutmix(x, y)[0], F.apply_cutmix(x, roll)),
@@ -350,9 +332,6 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
                     p = draws[i]
                     F.cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices, generator=no_gen)
 
-                def proposed(i: int) -> None:
-                    _proposed_apply(x, draws[i])
-
                 def composer(i: int) -> None:
                     p = draws[i]
                     composer_cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices)
@@ -367,7 +346,7 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
 
                 entries = {
                     'floor': floor, 'ours': ours, 'ours+targets': ours_targets,
-                    'ours cutmix_batch': ours_cutmix_batch, 'proposed': proposed,
+                    'ours cutmix_batch': ours_cutmix_batch,
                     'composer': composer, 'timm': timm, 'torchvision': torchvision,
                 }
                 samples, faults = _time_round_robin(entries, n_iters, warmup)
@@ -378,13 +357,9 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
                     'torchvision/ours': _paired_ratio(samples['torchvision'], ours_s),
                     'composer/ours cutmix_batch': _paired_ratio(samples['composer'], samples['ours cutmix_batch']),
                     'ours/floor': _paired_ratio(ours_s, samples['floor']),
-                    'proposed/floor': _paired_ratio(samples['proposed'], samples['floor']),
-                    'ours/proposed': _paired_ratio(ours_s, samples['proposed']),
                 }
                 peers = ('composer', 'timm', 'torchvision')
                 ratio['min peer/ours'] = min(ratio[f'{k}/ours'] for k in peers)
-                ratio['min peer/proposed'] = min(_paired_ratio(samples[k], samples['proposed']) for k in peers)
-                ratio['composer/proposed'] = _paired_ratio(samples['composer'], samples['proposed'])
                 used = draws[warmup:warmup + n_iters]
                 # The floor reads and writes each pasted element once.
                 moved = [2 * n * c * (p.box[1] - p.box[0]) * (p.box[3] - p.box[2]) * x.element_size() for p in used]
@@ -404,14 +379,14 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
 
 
 def _op_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    impls = ['floor', 'ours', 'ours+targets', 'ours cutmix_batch', 'composer', 'timm', 'torchvision', 'proposed']
+    impls = ['floor', 'ours', 'ours+targets', 'ours cutmix_batch', 'composer', 'timm', 'torchvision']
     times = _md_table(
         ['shape', 'layout', 'calls', 'box share'] + [f'{k} (ms)' for k in impls] + ['floor GB/s'],
         [[_shape_str(r['shape']), r['layout'], r['iters'], r['mean_box_share']]
          + [r['median_s'][k] * 1e3 for k in impls] + [r['floor_gbps']] for r in rows],
     )
     keys = ['composer/ours', 'timm/ours', 'torchvision/ours', 'composer/ours cutmix_batch', 'ours/floor',
-            'ours/proposed', 'min peer/proposed', 'proposed/floor']
+            'min peer/ours']
     ratios = _md_table(['shape', 'layout'] + keys, [[_shape_str(r['shape']), r['layout']] + [r['ratio'][k] for k in keys]
                                                    for r in rows])
     fault_impls = ['ours', 'ours cutmix_batch', 'composer', 'timm', 'torchvision']
@@ -425,7 +400,6 @@ def _op_markdown(rows: Sequence[dict[str, Any]]) -> str:
         '### The op: median ms per call',
         '`ours` = `apply_cutmix(x, params, inplace=True)` (as the algorithm uses it); `ours+targets` adds '
         '`mix_targets` (index -> soft, as the peers do); `ours cutmix_batch` is the out-of-place drop-in; '
-        '`proposed` is the gather change described in the report (not the library). '
         '`box share` is the mean share of the image pasted; `floor GB/s` counts its bytes read plus written.',
         times, '### The op: ratios (median of same-box ratios; > 1 in a `peer/ours` column means ours is faster)',
         ratios, '### Where ours spends its time (profiler), and minor page faults per call (fresh memory)', profile,
@@ -849,23 +823,13 @@ def _targets(op: Sequence[dict[str, Any]], exchange: Sequence[dict[str, Any]],
     return out
 
 
-def _targets_markdown(targets: Sequence[dict[str, Any]], op: Sequence[dict[str, Any]] = ()) -> str:
+def _targets_markdown(targets: Sequence[dict[str, Any]]) -> str:
     rows = []
     for t in targets:
         value = t['measured']
         shown = 'not measured' if value is None else (f'{value:+.2%}' if t['key'].startswith('step') else f'{value:.3g}')
         rows.append([t['what'], t['target'], shown, {None: '-', True: 'met', False: '**missed**'}[t['met']]])
-    text = '### Targets\n\n' + _md_table(['target', 'wanted', 'measured', ''], rows)
-    if op:
-        big = next((r for r in op if r['shape'] == [64, 3, 224, 224] and r['layout'] == 'float32'), None)
-        text += (
-            '\n\nWith the proposed gather (`proposed` column, not in the library): fastest peer / proposed '
-            f"(min over rows) = {min(r['ratio']['min peer/proposed'] for r in op):.3g}, proposed / floor (max) = "
-            f"{max(r['ratio']['proposed/floor'] for r in op):.3g}"
-            + (f", Composer / proposed at 64x3x224x224 float32 = {big['ratio']['composer/proposed']:.3g}" if big else '')
-            + '.'
-        )
-    return text
+    return '### Targets\n\n' + _md_table(['target', 'wanted', 'measured', ''], rows)
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -996,7 +960,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(_step_markdown(step) + '\n', flush=True)
     targets = _targets(op, exchange, step)
     seconds['total'] = time.perf_counter() - started
-    print(_targets_markdown(targets, op))
+    print(_targets_markdown(targets))
     print(f"\nRun time: {seconds['total']:.0f} s (" + ', '.join(f'{k} {v:.0f} s' for k, v in seconds.items()
                                                         if k != 'total') + ').')
     report = {'environment': env, 'args': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
