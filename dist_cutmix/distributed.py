@@ -114,7 +114,7 @@ class ExchangePlan:
     Attributes:
         send_order: local indices of this rank's samples, in the order they are sent.
         send_counts: rows sent to each rank.
-        recv_order: ``out[recv_order] = received`` puts received rows at their destinations.
+        recv_order: local destination of each received row, in arrival order.
         recv_counts: rows received from each rank.
         partners: global index of each local sample's partner (``perm`` restricted to this rank).
         offset: global index of this rank's first sample.
@@ -174,28 +174,30 @@ def exchange_rows(rows: Sequence[Tensor], plan: ExchangePlan, group: ProcessGrou
     parts = [t.contiguous() for t in rows]
     n = parts[0].shape[0]
     if len(parts) == 1 or len({t.device for t in parts}) > 1:
-        return [_exchange_one(t, plan, group) for t in parts]
+        return [_in_local_order(_all_to_all(t, plan, group), plan) for t in parts]
     flat = [t.reshape(n, math.prod(t.shape[1:])).view(torch.uint8) for t in parts]
-    received = _exchange_one(torch.cat(flat, dim=1), plan, group)
+    received = _all_to_all(torch.cat(flat, dim=1), plan, group)
     widths = [f.shape[1] for f in flat]
-    # A fresh buffer per chunk: a column slice is strided, and .contiguous() leaves a one-row slice
-    # as it is (its row stride does not count), whose offset and stride may not suit a wider dtype.
+    # index_select both reorders the rows and copies each column chunk into a fresh buffer, whose
+    # offset and strides suit a view as the wider dtype (a one-row slice of the packed buffer does not).
     return [
-        torch.empty(chunk.shape, dtype=chunk.dtype, device=chunk.device).copy_(chunk)
-        .view(t.dtype).reshape(received.shape[0], *t.shape[1:])
+        _in_local_order(chunk, plan).view(t.dtype).reshape(received.shape[0], *t.shape[1:])
         for chunk, t in zip(received.split(widths, dim=1), parts)
     ]
 
 
-def _exchange_one(send: Tensor, plan: ExchangePlan, group: ProcessGroup) -> Tensor:
+def _all_to_all(send: Tensor, plan: ExchangePlan, group: ProcessGroup) -> Tensor:
+    """Rows in arrival order: grouped by source rank, as ``plan`` counts them."""
     if len(plan.send_counts) == 1:  # a group of one: every row stays here
-        received = send
-    else:
-        received = send.new_empty((sum(plan.recv_counts), *send.shape[1:]))
-        dist.all_to_all_single(
-            received, send,
-            output_split_sizes=plan.recv_counts, input_split_sizes=plan.send_counts, group=group,
-        )
-    out = torch.empty_like(received)
-    out[plan.recv_order.to(received.device)] = received
-    return out
+        return send
+    received = send.new_empty((sum(plan.recv_counts), *send.shape[1:]))
+    dist.all_to_all_single(
+        received, send, output_split_sizes=plan.recv_counts, input_split_sizes=plan.send_counts, group=group,
+    )
+    return received
+
+
+def _in_local_order(received: Tensor, plan: ExchangePlan) -> Tensor:
+    # A row-wise gather (index_select), not ``out[recv_order] = received``: advanced-index
+    # assignment runs an element-wise kernel, many times slower on a byte buffer.
+    return received.index_select(0, torch.argsort(plan.recv_order).to(received.device))
