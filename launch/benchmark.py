@@ -46,15 +46,12 @@ import json
 import logging
 import math
 import os
-import pickle
 import platform
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -66,9 +63,9 @@ if str(_ROOT) not in sys.path:  # run from a checkout that is not installed
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from dist_cutmix import functional as F  # noqa: E402
+from launch.spawn import run_ranks  # noqa: E402
 
 __all__ = ['main', 'run_exchange', 'run_op', 'run_step']
 
@@ -724,65 +721,11 @@ def _step_markdown(rows: Sequence[dict[str, Any]]) -> str:
 # ============================================================================ ranks
 
 
-def _rank_entry(fn: Callable[..., Any], rank: int, world: int, workdir: str, threads: int,
-                args: tuple[Any, ...], timeout_s: float) -> None:
-    """Body of a spawned rank: join the gloo group through a FileStore, run ``fn``, write its result."""
-    os.environ.update({
-        'RANK': str(rank), 'WORLD_SIZE': str(world), 'LOCAL_RANK': str(rank), 'LOCAL_WORLD_SIZE': str(world),
-        'NODE_RANK': '0', 'OMP_NUM_THREADS': str(threads),
-    })
-    torch.set_num_threads(threads)
-    try:
-        store = dist.FileStore(str(Path(workdir) / 'store'), world)
-        dist.init_process_group('gloo', store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-        payload = ('ok', fn(rank, world, *args))
-    except BaseException:  # noqa: BLE001 - the parent raises it with the rank attached
-        payload = ('error', traceback.format_exc())
-    with open(Path(workdir) / f'rank{rank}.pkl', 'wb') as f:
-        pickle.dump(payload, f)
-    os._exit(0 if payload[0] == 'ok' else 1)  # no teardown: a group torn down while a peer talks can hang
-
-
 def _spawn_ranks(fn: Callable[..., Any], world: int, args: tuple[Any, ...], *, threads: int = 1,
-                 deadline_s: float = 900.0, collective_timeout_s: float = 120.0) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks in subprocesses; return each rank's result.
-
-    A ``forkserver`` with torch, Composer and dist_cutmix preloaded starts a rank in a fraction of a
-    second. Raises ``RuntimeError`` with every failing rank's traceback if any rank fails or hangs.
-    """
-    ctx = mp.get_context('forkserver')
-    ctx.set_forkserver_preload(['torch', 'torch.distributed', 'dist_cutmix', 'composer.trainer'])
-    workdir = tempfile.mkdtemp(prefix='dist_cutmix_bench_')
-    try:
-        procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, workdir, threads, args, collective_timeout_s),
-                             daemon=True) for r in range(world)]
-        for p in procs:
-            p.start()
-        stop_at = time.monotonic() + deadline_s
-        while any(p.is_alive() for p in procs) and time.monotonic() < stop_at:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                stop_at = min(stop_at, time.monotonic() + collective_timeout_s + 5)
-            time.sleep(0.02)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join()
-        results, errors = [], []
-        for r, p in enumerate(procs):
-            path = Path(workdir) / f'rank{r}.pkl'
-            status, value = ('error', f'no result (exit code {p.exitcode})')
-            if path.exists():
-                with open(path, 'rb') as f:
-                    status, value = pickle.load(f)
-            if status == 'ok' and p.exitcode == 0:
-                results.append(value)
-            else:
-                errors.append(f'--- rank {r} (exit code {p.exitcode}) ---\n{value}')
-        if errors:
-            raise RuntimeError(f'{len(errors)} of {world} ranks of {fn.__name__} failed:\n' + '\n'.join(errors))
-        return results
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+                 deadline_s: float = 900.0) -> list[Any]:
+    """``fn(rank, world, *args)`` on ``world`` gloo ranks (:func:`launch.spawn.run_ranks`), in a temp dir."""
+    with tempfile.TemporaryDirectory(prefix='dist_cutmix_bench_') as workdir:
+        return run_ranks(fn, world, workdir, *args, threads=threads, deadline_s=deadline_s, collective_timeout_s=120.0)
 
 
 def _launched_world() -> int:
