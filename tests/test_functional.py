@@ -53,7 +53,6 @@ def test_matches_composer_given_the_same_box_and_partners():
 @pytest.mark.parametrize('kind', ['index', 'soft'])
 def test_targets_are_lambda_own_plus_one_minus_lambda_partner(kind):
     n, c = 7, 5
-    x = torch.randn(n, 3, 10, 10)
     labels = torch.randint(0, c, (n,))
     target = labels if kind == 'index' else torch.softmax(torch.randn(n, c), 1)
     params = F.sample_params(n, 10, 10, generator=_gen(4))

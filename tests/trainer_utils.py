@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from composer import Callback, Event, State, Trainer
+from composer import Callback, State, Trainer
 from composer.loggers import InMemoryLogger, Logger
 from composer.models import ComposerClassifier
 from composer.utils import dist
