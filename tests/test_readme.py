@@ -37,7 +37,7 @@ def test_readme_launch_commands_parse():
     # Every command line the README shows for a launch/ script is accepted by that script's parser,
     # so a renamed or removed option cannot leave the README behind.
     text = README.read_text()
-    commands = re.findall(r'launch/(\w+)\.py([^`\n#&]*)', text)
+    commands = re.findall(r'(?:python|-n \d+) launch/(\w+)\.py([^`\n#&]*)', text)
     parsers = _parsers()
     seen = set()
     for script, rest in commands:
