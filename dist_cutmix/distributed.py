@@ -114,7 +114,8 @@ class ExchangePlan:
     Attributes:
         send_order: local indices of this rank's samples, in the order they are sent.
         send_counts: rows sent to each rank.
-        recv_order: local destination of each received row, in arrival order.
+        recv_index: for each local sample, where its partner's row is among the received rows
+            (which arrive grouped by source rank).
         recv_counts: rows received from each rank.
         partners: global index of each local sample's partner (``perm`` restricted to this rank).
         offset: global index of this rank's first sample.
@@ -122,7 +123,7 @@ class ExchangePlan:
 
     send_order: Tensor
     send_counts: list[int]
-    recv_order: Tensor
+    recv_index: Tensor
     recv_counts: list[int]
     partners: Tensor
     offset: int
@@ -141,7 +142,7 @@ class ExchangePlan:
         # Receive: my destination g takes perm[g]; rows arrive grouped by source, ascending g.
         partners = perm[mine]
         src = owner(partners)
-        recv_order = torch.argsort(src, stable=True)
+        recv_index = torch.argsort(torch.argsort(src, stable=True))  # rank of each sample in arrival order
         # Send: my sample s goes to destination inv[s]; sending in ascending destination order
         # groups rows by destination rank and matches each receiver's ascending-g order.
         inv = torch.empty_like(perm)
@@ -151,7 +152,7 @@ class ExchangePlan:
         return cls(
             send_order=send_order,
             send_counts=torch.bincount(owner(dst), minlength=world).tolist(),
-            recv_order=recv_order,
+            recv_index=recv_index,
             recv_counts=torch.bincount(src, minlength=world).tolist(),
             partners=partners,
             offset=offset,
@@ -198,6 +199,6 @@ def _all_to_all(send: Tensor, plan: ExchangePlan, group: ProcessGroup) -> Tensor
 
 
 def _in_local_order(received: Tensor, plan: ExchangePlan) -> Tensor:
-    # A row-wise gather (index_select), not ``out[recv_order] = received``: advanced-index
+    # A row-wise gather (index_select), not ``out[arrival_order] = received``: advanced-index
     # assignment runs an element-wise kernel, many times slower on a byte buffer.
-    return received.index_select(0, torch.argsort(plan.recv_order).to(received.device))
+    return received.index_select(0, plan.recv_index.to(received.device))

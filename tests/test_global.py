@@ -227,3 +227,22 @@ def test_one_image_per_rank_with_an_odd_crop_area(tmp_path):
     torch.testing.assert_close(torch.cat([r['input'] for r in results]), single.input, rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([r['target'] for r in results]), single.target, rtol=0, atol=0)
     assert [int(r['partner_rank']) for r in results] == [1, 0]
+
+
+def test_exchange_plan_delivers_each_partner_in_one_process():
+    # all_to_all_single simulated by hand: rank d receives, from each rank s in order, the rows s
+    # sends to d; recv_index must then put partner perm[g] at each local destination g.
+    sizes = [3, 0, 5, 4]
+    perm = F.sample_partners(sum(sizes), generator=torch.Generator().manual_seed(3))
+    plans = [ExchangePlan.build(perm, sizes, r) for r in range(len(sizes))]
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    sent = []  # per source rank: the global indices it sends, split by destination rank
+    for s, plan in enumerate(plans):
+        rows = (offsets[s] + plan.send_order).tolist()
+        cuts = torch.tensor([0, *plan.send_counts]).cumsum(0).tolist()
+        sent.append([rows[cuts[d]:cuts[d + 1]] for d in range(len(sizes))])
+    for d, plan in enumerate(plans):
+        arrived = torch.tensor([g for s in range(len(sizes)) for g in sent[s][d]], dtype=torch.long)
+        local = arrived.index_select(0, plan.recv_index) if len(arrived) else arrived
+        assert torch.equal(local, perm[offsets[d]:offsets[d] + sizes[d]])
+        assert torch.equal(plan.partners, perm[offsets[d]:offsets[d] + sizes[d]])
