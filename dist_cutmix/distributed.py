@@ -171,6 +171,9 @@ def exchange_rows(rows: Sequence[Tensor], plan: ExchangePlan, group: ProcessGrou
     packed row by row into one byte buffer, so the whole exchange is one ``all_to_all_single``:
     each collective costs a round of latency. No collective for a group of one.
     """
+    if len(plan.send_counts) == 1:
+        # A group of one: rows were "sent" in destination order, which here is local order.
+        return list(rows)
     # gloo reads raw memory: a channels_last or strided tensor would arrive scrambled.
     parts = [t.contiguous() for t in rows]
     n = parts[0].shape[0]
@@ -189,8 +192,6 @@ def exchange_rows(rows: Sequence[Tensor], plan: ExchangePlan, group: ProcessGrou
 
 def _all_to_all(send: Tensor, plan: ExchangePlan, group: ProcessGroup) -> Tensor:
     """Rows in arrival order: grouped by source rank, as ``plan`` counts them."""
-    if len(plan.send_counts) == 1:  # a group of one: every row stays here
-        return send
     received = send.new_empty((sum(plan.recv_counts), *send.shape[1:]))
     dist.all_to_all_single(
         received, send, output_split_sizes=plan.recv_counts, input_split_sizes=plan.send_counts, group=group,
