@@ -65,7 +65,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from dist_cutmix import functional as F  # noqa: E402
-from launch.spawn import run_ranks  # noqa: E402
+from launch.spawn import answer_cpuinfo_from_constant, run_ranks  # noqa: E402
 
 __all__ = ['main', 'run_exchange', 'run_op', 'run_step']
 
@@ -524,15 +524,6 @@ def _exchange_markdown(rows: Sequence[dict[str, Any]], note: str = '') -> str:
 # ============================================================================ part 3: the training step
 
 
-def _patch_cpuinfo() -> None:
-    """Composer asks py-cpuinfo about the CPU in every Trainer (~1 s of start-up, no effect on steps)."""
-    try:
-        import cpuinfo
-    except ImportError:
-        return
-    cpuinfo.get_cpu_info = lambda: {'brand_raw': 'benchmark-cpu', 'count': os.cpu_count()}
-
-
 def _make_net(model: str) -> torch.nn.Module:
     if model == 'resnet18':
         import torchvision
@@ -601,7 +592,7 @@ def _step_rank(rank: int, world: int, mode: str, batch_size: int, batches: int, 
             if event == Event.AFTER_DATALOADER:
                 self.mix_s.append(time.perf_counter() - t0)
 
-    _patch_cpuinfo()
+    answer_cpuinfo_from_constant()  # Composer's CPU query costs ~1 s of start-up, no effect on steps
     logging.getLogger('dist_cutmix').setLevel(logging.ERROR)  # the metric-wrapping notice, once per Trainer
     g = torch.Generator().manual_seed(seed)
     start = warmup + warmup % 2  # alternating pairs (even: plain, odd: mixed) start on an even batch

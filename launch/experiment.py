@@ -20,23 +20,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as torch_dist
 
 if __package__ in (None, ''):  # run as a script: make `launch` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch import train  # noqa: E402
+from launch.spawn import answer_cpuinfo_from_constant, run_ranks  # noqa: E402
 
 __all__ = ['build_parser', 'configurations', 'main', 'markdown_table', 'run_configurations']
 
@@ -154,25 +152,6 @@ def _write_table(out: Path, payload: dict[str, Any]) -> None:
     out.with_suffix('.md').write_text(header + markdown_table(results, world_size))
 
 
-def _worker(rank: int, world_size: int, store_path: str, args: argparse.Namespace) -> None:
-    os.environ.update({
-        'RANK': str(rank), 'WORLD_SIZE': str(world_size), 'LOCAL_RANK': str(rank),
-        'LOCAL_WORLD_SIZE': str(world_size), 'NODE_RANK': '0', 'OMP_NUM_THREADS': '1',
-    })
-    torch.set_num_threads(1)
-    # Every Trainer asks py-cpuinfo about the CPU for its hparams (~1 s a rank, 18 times); answer from a constant.
-    import cpuinfo
-
-    cpuinfo.get_cpu_info = lambda: {'brand_raw': 'cpu', 'count': os.cpu_count()}
-    store = torch_dist.FileStore(store_path, world_size)
-    torch_dist.init_process_group('gloo', store=store, rank=rank, world_size=world_size,
-                                  timeout=timedelta(seconds=120))
-    try:
-        run_configurations(rank, world_size, args)
-    finally:
-        torch_dist.destroy_process_group()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Spawn the ranks, run every configuration, and return what was written to ``OUT.json``."""
     args = build_parser().parse_args(argv)
@@ -190,17 +169,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             f'--train-samples must be a multiple of world size x batch size so that every configuration sees the '
             f'same samples, got --train-samples={args.train_samples}, --world-size={args.world_size}, batch sizes {uneven}',
         )
-    import torch.multiprocessing as mp
-
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(args.world_size, str(Path(tmp) / 'store'), args),
-                                 nprocs=args.world_size, start_method='spawn', join=False)
-        while not ctx.join(timeout=5):
+        try:
+            # Every Trainer asks py-cpuinfo about the CPU (~1 s a rank, 18 times): answer from a constant.
+            run_ranks(run_configurations, args.world_size, tmp, args, deadline_s=args.deadline,
+                      collective_timeout_s=120.0, setup=answer_cpuinfo_from_constant)
+        except RuntimeError as err:
             if time.perf_counter() - start > args.deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f'the experiment ran past --deadline={args.deadline} s; partial results are in {args.out}.json')
+                raise TimeoutError(f'the experiment ran past --deadline={args.deadline} s; partial results are in '
+                                   f'{args.out}.json') from err
+            raise
     payload = json.loads(Path(args.out).with_suffix('.json').read_text())
     print(f'[launch/experiment] {len(payload["runs"])} runs in {time.perf_counter() - start:.0f} s; '
           f'wrote {Path(args.out).with_suffix(".json")} and {Path(args.out).with_suffix(".md")}\n', flush=True)

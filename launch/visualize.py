@@ -25,6 +25,7 @@ import torch.distributed as torch_dist
 if __package__ in (None, ''):  # run as a script: make `launch` and `dist_cutmix` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launch.spawn import run_ranks  # noqa: E402
 from launch.train import MNIST_MEAN, MNIST_STD, NUM_CLASSES, load_mnist  # noqa: E402
 
 __all__ = ['build_parser', 'draw_grid', 'main', 'mix_on_rank']
@@ -111,17 +112,6 @@ def draw_grid(records: list[dict[str, Any]], out: str, dpi: int = 110) -> Path:
     return path
 
 
-def _worker(rank: int, world_size: int, store_path: str, args: argparse.Namespace) -> None:
-    os.environ.setdefault('OMP_NUM_THREADS', '1')
-    torch.set_num_threads(1)
-    store = torch_dist.FileStore(store_path, world_size)
-    torch_dist.init_process_group('gloo', store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
-    try:
-        _run(rank, world_size, args)
-    finally:
-        torch_dist.destroy_process_group()
-
-
 def _run(rank: int, world_size: int, args: argparse.Namespace) -> Optional[Path]:
     record = mix_on_rank(rank, world_size, args.per_rank, args.seed, args.batch, args.alpha)
     records = _gather_to_rank0(record, world_size)
@@ -145,12 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         finally:
             torch_dist.destroy_process_group()
         return Path(args.out)
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as tmp:
-        # Ranks meet through a file, not a port: nothing to collide with.
-        mp.start_processes(_worker, args=(args.world_size, str(Path(tmp) / 'store'), args),
-                           nprocs=args.world_size, start_method='spawn')
+        run_ranks(_run, args.world_size, tmp, args, collective_timeout_s=60.0)
     return Path(args.out)
 
 

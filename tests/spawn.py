@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from launch.spawn import FORKSERVER
+from launch.spawn import FORKSERVER, answer_cpuinfo_from_constant
 from launch.spawn import run_ranks as _run_ranks
 
 # Preload this module too: every test's rank body is pickled from a module that imports it.
@@ -23,13 +23,6 @@ COLLECTIVE_TIMEOUT_S = 30.0
 
 class RankError(AssertionError):
     """A spawned rank failed, hung or never reported."""
-
-
-def _patch_cpuinfo() -> None:
-    """Composer asks py-cpuinfo about the CPU in every Trainer (~1 s); answer from a constant."""
-    import cpuinfo
-
-    cpuinfo.get_cpu_info = lambda: {'brand_raw': 'test-cpu', 'count': os.cpu_count()}
 
 
 def run_ranks(
@@ -49,5 +42,5 @@ def run_ranks(
     """
     return _run_ranks(
         fn, world_size, workdir, *args, threads=1, deadline_s=deadline_s, collective_timeout_s=collective_timeout_s,
-        env=env, per_rank_env=per_rank_env, setup=_patch_cpuinfo, error=RankError,
+        env=env, per_rank_env=per_rank_env, setup=answer_cpuinfo_from_constant, error=RankError,
     )
