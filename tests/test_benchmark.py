@@ -98,10 +98,37 @@ def test_part_picks_one_part(capsys, keep_threads):
 
 
 @pytest.mark.parametrize('argv', [['--iters', '0'], ['--worlds', '1'], ['--layouts', 'float64'],
-                                  ['--op-shapes', '4x3x8']])
+                                  ['--op-shapes', '4x3x8'], ['--device', 'tpu']])
 def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
         bench._parse_args(argv)
+
+
+def test_device_cuda_without_cuda_is_refused_clearly(monkeypatch, capsys, keep_threads):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert bench._parse_args(['--device', 'cuda']).device == 'cuda'  # the parser accepts it anywhere
+    assert bench._parse_args([]).device == 'cpu'
+    with pytest.raises(RuntimeError, match='--device cuda: CUDA is not available'):
+        bench.main(['--device', 'cuda', '--part', 'op', '--quick'])
+    assert capsys.readouterr().out == ''  # refused before anything ran
+    with pytest.raises(RuntimeError, match='--device cuda'):
+        bench.run_op([(2, 3, 4, 4)], 1, device='cuda')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA: --device cuda times the op on a GPU')
+def test_device_cuda_times_the_op_on_the_gpu(capsys, keep_threads):
+    report = bench.main(['--device', 'cuda', '--part', 'op', '--quick'])
+    assert report['environment']['gpu'] and report['exchange'] == [] and report['step'] == []
+    impls = {'floor', 'ours', 'ours+targets', 'ours cutmix_batch', 'composer', 'timm', 'torchvision'}
+    assert [(r['shape'], r['layout']) for r in report['op']] == [(list(s), k) for s in bench.QUICK['op_shapes']
+                                                                 for k in bench.LAYOUTS]
+    for row in report['op']:
+        assert row['device'] == 'cuda' and set(row['median_s']) == impls
+        assert all(_positive(v) for v in row['median_s'].values())
+        assert all(len(v) == row['iters'] for v in row['samples_s'].values())
+        assert all(_positive(v) for v in row['ratio'].values()) and _positive(row['floor_gbps'])
+    printed = capsys.readouterr().out
+    assert 'timed with CUDA events' in printed and '### The op: median ms per call' in printed
 
 
 def _launched_rank(rank: int, world: int, out: str) -> dict:
