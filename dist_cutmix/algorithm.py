@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -10,8 +11,10 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from dist_cutmix import functional as F
 from dist_cutmix.distributed import ProcessGroup, node_group
-from dist_cutmix.functional import validate_alpha
+from dist_cutmix.locate import RowLookupError, locate_rows
+from dist_cutmix.metrics import prepare_train_metrics
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 
 __all__ = ['CutMix']
@@ -21,12 +24,28 @@ log = logging.getLogger(__name__)
 MODES = ('local', 'global', 'node')
 
 
+@dataclass
+class _Run:
+    """What one Trainer run learns; made anew at ``Event.INIT`` so a reused ``CutMix`` starts clean."""
+
+    group: ProcessGroup = None
+    group_ready: bool = False
+    last: Optional[MixResult] = None
+    soft_targets_at_loss: bool = False  # index targets whose class count only the outputs tell
+    metrics_checked: bool = False
+    warned_single: bool = False
+    warned_dense_interpolation: bool = False
+
+
 class CutMix(Algorithm):
     """CutMix that owns its randomness and can mix across ranks; a drop-in for ``composer.algorithms.CutMix``.
 
     Each batch is mixed once, at ``Event.AFTER_DATALOADER`` (after the batch is moved to the
     device), so every microbatch, and the train metrics, see the same mixed batch and its mixed
-    targets. Every draw for batch ``b`` comes from a generator seeded by ``(seed, b, ...)``:
+    targets. When the class count of index targets is known up front (``num_classes``, a train
+    metric's or the model's), the soft targets are built then too; otherwise they are built per
+    microbatch at ``Event.BEFORE_LOSS`` from the class count of the model's outputs, as Composer's
+    CutMix does (the train metrics then see the unmixed labels). Every draw for batch ``b`` comes from a generator seeded by ``(seed, b, ...)``:
     the same seed mixes the same way, ranks mix differently, and a resumed run mixes its later
     batches exactly as the uninterrupted run did, with no state in the checkpoint.
 
@@ -53,8 +72,14 @@ class CutMix(Algorithm):
             torchmetrics classification train metric (logged): a micro ``MulticlassAccuracy``
             by :class:`~dist_cutmix.metrics.SoftTargetAccuracy`, others by
             :class:`~dist_cutmix.metrics.SoftTargetWrapper`, so that no metric silently reports
-            a wrong number on soft targets. With ``False``, such a metric stops training with an
-            error that names the fix.
+            a wrong number on soft targets. With ``False``, such a metric stops training at the
+            first batch whose targets CutMix softens (not for dense targets, which are pasted),
+            with an error that names the fix.
+        inplace: who owns the batch's memory. ``None`` (default): paste into the input only when
+            moving the batch to the device just made a copy of it (a host batch going to the
+            GPU); otherwise mix a copy, since a collated batch can alias the user's dataset
+            (``DataLoader(batch_size=None)`` over numpy arrays, cached tensors). ``True``: the
+            batch is yours to overwrite, always paste in place. ``False``: always mix a copy.
 
     Raises:
         ValueError: on a bad ``alpha`` or ``mode``, or a ``process_group`` outside ``'global'`` mode.
@@ -78,8 +103,9 @@ class CutMix(Algorithm):
         num_classes: Optional[int] = None,
         process_group: ProcessGroup = None,
         wrap_train_metrics: bool = True,
+        inplace: Optional[bool] = None,
     ) -> None:
-        self.alpha = validate_alpha(alpha)
+        self.alpha = F.validate_alpha(alpha)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
         if process_group is not None and mode != 'global':
@@ -88,6 +114,8 @@ class CutMix(Algorithm):
             raise TypeError(f'seed must be an int or None, got seed={seed!r}')
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f'num_classes must be a positive int or None, got num_classes={num_classes!r}')
+        if inplace not in (None, True, False):
+            raise TypeError(f'inplace must be None, True or False, got inplace={inplace!r}')
         self.interpolate_loss = interpolate_loss
         self.uniform_sampling = uniform_sampling
         self.input_key, self.target_key = input_key, target_key
@@ -97,109 +125,165 @@ class CutMix(Algorithm):
         self.num_classes = num_classes
         self.process_group = process_group
         self.wrap_train_metrics = wrap_train_metrics
-        self._group: ProcessGroup = process_group
-        self._group_ready = mode == 'local' or process_group is not None
-        self._warned_single = False
-        self._last: Optional[MixResult] = None
-        self._microbatch_offset = 0
+        self.inplace = inplace
+        self._run = self._new_run()
 
     # ------------------------------------------------------------------ events
 
     def match(self, event: Event, state: State) -> bool:
-        if event in (Event.BEFORE_LOAD, Event.FIT_START, Event.AFTER_DATALOADER):
-            return True
-        return self.interpolate_loss and event in (Event.BEFORE_TRAIN_BATCH, Event.BEFORE_BACKWARD)
+        return event in (Event.INIT, Event.BEFORE_LOAD, Event.FIT_START, Event.AFTER_DATALOADER, Event.BEFORE_LOSS,
+                         Event.BEFORE_BACKWARD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.BEFORE_LOAD:
+        if event == Event.INIT:
+            self._run = self._new_run()
+        elif event == Event.BEFORE_LOAD:
             # Before a checkpoint's metric states are loaded, so they land in the soft-aware metrics.
-            self._check_train_metrics(state, logger)
+            self._wrap_train_metrics(state)
         elif event == Event.FIT_START:
             self._setup_group()
-            self._check_train_metrics(state, logger)  # metrics may have changed since; a no-op otherwise
+            self._wrap_train_metrics(state)  # metrics may have changed since; a no-op otherwise
         elif event == Event.AFTER_DATALOADER:
             self._mix(state, logger)
-        elif event == Event.BEFORE_TRAIN_BATCH:
-            self._microbatch_offset = 0
-        elif event == Event.BEFORE_BACKWARD:
+        elif event == Event.BEFORE_LOSS and self._run.soft_targets_at_loss:
+            self._soft_targets_from_outputs(state)
+        elif event == Event.BEFORE_BACKWARD and self.interpolate_loss:
             self._interpolate_loss(state)
 
     # ------------------------------------------------------------------ pieces
 
+    def _new_run(self) -> _Run:
+        return _Run(group=self.process_group, group_ready=self.mode == 'local' or self.process_group is not None)
+
     def _setup_group(self) -> None:
-        """Build the node's process group once; every rank must take part, so it runs at FIT_START."""
-        if self._group_ready:
+        """Build the node's process group once a run; every rank must take part, so it runs at FIT_START."""
+        if self._run.group_ready:
             return
-        self._group_ready = True
+        self._run.group_ready = True
         if self.mode == 'node':
-            self._group = node_group(dist.get_local_world_size())
+            self._run.group = node_group(dist.get_local_world_size(), dist.get_local_rank(), dist.get_node_rank())
 
-    def _check_train_metrics(self, state: State, logger: Logger) -> None:
-        if self.interpolate_loss:  # targets stay index labels: stock metrics read them correctly
-            return
-        from dist_cutmix.metrics import prepare_train_metrics
+    def _wrap_train_metrics(self, state: State) -> None:
+        # With interpolate_loss the targets stay unmixed; without wrapping, the check waits for a batch.
+        if self.wrap_train_metrics and not self.interpolate_loss:
+            state.train_metrics = prepare_train_metrics(state.train_metrics, wrap=True)
 
-        state.train_metrics = prepare_train_metrics(state.train_metrics, wrap=self.wrap_train_metrics)
-
-    def _resolve_num_classes(self, state: State) -> Optional[int]:
-        if self.num_classes is None:
-            candidates = [getattr(m, 'num_classes', None) for m in (state.train_metrics or {}).values()]
-            model = state.model
-            candidates += [getattr(model, 'num_classes', None), getattr(getattr(model, 'module', None), 'num_classes', None)]
-            self.num_classes = next((c for c in candidates if isinstance(c, int) and c > 0), None)
-        return self.num_classes
+    def _class_count(self, state: State) -> Optional[int]:
+        """``num_classes``, else a train metric's or the model's; never stored (a run's model is its own)."""
+        if self.num_classes is not None:
+            return self.num_classes
+        model = state.model
+        candidates = [getattr(m, 'num_classes', None) for m in (state.train_metrics or {}).values()]
+        candidates += [getattr(model, 'num_classes', None), getattr(getattr(model, 'module', None), 'num_classes', None)]
+        return next((c for c in candidates if isinstance(c, int) and not isinstance(c, bool) and c > 0), None)
 
     def _mix(self, state: State, logger: Logger) -> None:
+        run = self._run
+        before = state.batch_get_item(key=self.input_key)
         state.batch = state.device.batch_to_device(state.batch)
         input = state.batch_get_item(key=self.input_key)
         target = state.batch_get_item(key=self.target_key)
-        mix_target = not self.interpolate_loss
-        num_classes = self._resolve_num_classes(state) if mix_target and _is_index(target) else self.num_classes
-        if mix_target and _is_index(target) and num_classes is None:
-            raise ValueError(
-                'CutMix needs num_classes to turn index targets into soft targets and found none on the '
-                'train metrics or the model: pass CutMix(num_classes=...), got num_classes=None',
+        kind = _kind_or_none(input, target)
+        if not run.metrics_checked:
+            run.metrics_checked = True
+            if not self.interpolate_loss and kind not in (None, 'dense'):
+                # Raises, naming the fix, for a stock metric that would misread mixed targets.
+                prepare_train_metrics(state.train_metrics, wrap=self.wrap_train_metrics, kind=kind)
+        num_classes = self._class_count(state) if kind == 'index' else self.num_classes
+        # Dense targets are pasted either way: interpolating a per-pixel loss by area would be wrong.
+        mix_target = not self.interpolate_loss or kind == 'dense'
+        run.soft_targets_at_loss = mix_target and kind == 'index' and num_classes is None
+        if self.interpolate_loss and kind == 'dense' and not run.warned_dense_interpolation:
+            run.warned_dense_interpolation = True
+            warnings.warn(
+                'CutMix(interpolate_loss=True) with dense targets: the partner box is pasted into the target map, '
+                'which is exact per pixel, and the loss is not interpolated.', UserWarning, stacklevel=2,
             )
         kwargs = dict(
             seed=self.seed if self.seed is not None else state.rank_zero_seed,
             batch=int(state.timestamp.batch),
             alpha=self.alpha, uniform_sampling=self.uniform_sampling, exclude_self=self.exclude_self,
-            num_classes=num_classes, mix_target=mix_target,
-            # A freshly collated batch is ours to change; a view may alias the user's dataset.
-            inplace=isinstance(input, torch.Tensor) and input._base is None,
+            num_classes=num_classes, mix_target=mix_target and not run.soft_targets_at_loss,
+            inplace=self.inplace if self.inplace is not None else _is_fresh_copy(before, input),
         )
-        if self.interpolate_loss and isinstance(target, torch.Tensor) and target.ndim >= 3:
-            raise ValueError(f'interpolate_loss cannot be used with dense targets of shape {tuple(target.shape)}')
         if self.mode == 'local':
-            if isinstance(input, torch.Tensor) and input.ndim == 4 and input.shape[0] == 1 and not self._warned_single:
-                self._warned_single = True
+            if isinstance(input, torch.Tensor) and input.ndim == 4 and input.shape[0] == 1 and not run.warned_single:
+                run.warned_single = True
                 warnings.warn(
                     "CutMix(mode='local') got a per-rank batch of 1 sample, which cannot be mixed locally; "
                     "mode='global' mixes across ranks and fixes it.", UserWarning, stacklevel=2,
                 )
             result = mix_batch_local(input, target, rank=dist.get_global_rank(), **kwargs)
         else:
-            result = mix_batch_across_group(input, target, group=self._group, **kwargs)
+            result = mix_batch_across_group(input, target, group=run.group, **kwargs)
         state.batch_set_item(key=self.input_key, value=result.input)
         state.batch_set_item(key=self.target_key, value=result.target)
-        self._last = result
-        metrics = {'cutmix/lambda': result.lam}
+        run.last = result
+        metrics = {'cutmix/lambda': result.label_lam}
         if self.mode != 'local':
             metrics['cutmix/cross_rank_fraction'] = result.cross_rank_fraction
         logger.log_metrics(metrics)
 
-    def _interpolate_loss(self, state: State) -> None:
-        if self._last is None or not isinstance(state.loss, torch.Tensor):
-            raise RuntimeError('CutMix(interpolate_loss=True) needs one tensor loss and a batch mixed at AFTER_DATALOADER')
+    def _partner_targets(self, state: State, why: str) -> torch.Tensor:
+        """The partner targets of the samples of ``state.batch`` (a microbatch), found by the samples themselves."""
+        last = self._run.last
+        if last is None:
+            raise RuntimeError(f'CutMix {why} needs a batch mixed at Event.AFTER_DATALOADER, and none was')
         input = state.batch_get_item(key=self.input_key)
-        n = input.shape[0]
-        partner = self._last.partner_target[self._microbatch_offset:self._microbatch_offset + n]
-        self._microbatch_offset += n
+        try:
+            rows = locate_rows(input, last.input, labels=last.partner_target)
+        except RowLookupError as e:
+            raise RuntimeError(
+                f'CutMix {why} cannot tell which mixed samples this microbatch holds: {e}. An algorithm changed the '
+                f'images after CutMix mixed them at Event.AFTER_DATALOADER (Composer runs AFTER_DATALOADER '
+                f'algorithms in reverse list order). Put CutMix before that algorithm in Trainer(algorithms=[...]) '
+                f'so that it runs first and CutMix mixes its result.',
+            ) from e
+        return last.partner_target.index_select(0, rows.to(last.partner_target.device))
+
+    def _soft_targets_from_outputs(self, state: State) -> None:
+        last = self._run.last
+        outputs = state.outputs
+        target = state.batch_get_item(key=self.target_key)
+        if not isinstance(outputs, torch.Tensor) or outputs.ndim != 2 or outputs.shape[0] != target.shape[0]:
+            shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise ValueError(
+                f'CutMix takes the class count of index targets from the model outputs (N, C) when no num_classes is '
+                f'known, got outputs {shape} for {target.shape[0]} targets; pass CutMix(num_classes=...)',
+            )
+        partner = self._partner_targets(state, 'building soft targets from the outputs')
+        soft = F.mix_targets(target, partner, last.lam, last.box, kind='index', num_classes=outputs.shape[1])  # type: ignore[union-attr]
+        state.batch_set_item(key=self.target_key, value=soft)
+
+    def _interpolate_loss(self, state: State) -> None:
+        last = self._run.last
+        if last is not None and last.kind == 'dense':
+            return  # the target map was pasted: the loss is already exact
+        if not isinstance(state.loss, torch.Tensor):
+            raise RuntimeError(f'CutMix(interpolate_loss=True) needs one tensor loss, got {type(state.loss).__name__}')
+        partner = self._partner_targets(state, '(interpolate_loss=True)')
         model = state.model
         loss_fn = getattr(model, 'loss', None) or getattr(model.module, 'loss')
-        partner_loss = loss_fn(state.outputs, (input, partner))
-        state.loss = self._last.lam * state.loss + (1.0 - self._last.lam) * partner_loss
+        # The partner loss reads the user's own batch layout, with the target swapped through target_key.
+        own = state.batch_get_item(key=self.target_key)
+        state.batch_set_item(key=self.target_key, value=partner)
+        try:
+            partner_loss = loss_fn(state.outputs, state.batch)
+        finally:
+            state.batch_set_item(key=self.target_key, value=own)
+        weight = last.label_lam  # type: ignore[union-attr]
+        state.loss = weight * state.loss + (1.0 - weight) * partner_loss
 
 
-def _is_index(target: object) -> bool:
-    return isinstance(target, torch.Tensor) and target.ndim == 1
+def _kind_or_none(input: object, target: object) -> Optional[str]:
+    """The target kind, or ``None`` for a malformed batch (the mixer then raises the full error)."""
+    try:
+        return F.validate_target(target, F.validate_input(input))
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_fresh_copy(before: object, after: object) -> bool:
+    """True when moving the batch to the device made ``after`` a new tensor: memory no one else holds."""
+    return (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+            and (after.device != before.device or after.data_ptr() != before.data_ptr()))

@@ -49,25 +49,43 @@ def group_stream_key(group: ProcessGroup) -> tuple[str, int]:
     return ('group', min(dist.get_process_group_ranks(group or dist.group.WORLD)))
 
 
-def node_group(local_world_size: int) -> ProcessGroup:
+def node_group(local_world_size: int, local_rank: Optional[int] = None, node_rank: Optional[int] = None) -> ProcessGroup:
     """The process group of this node's ranks; every rank must call it (it creates all nodes' groups).
 
     Ranks are laid out node by node (``global = node * local_world_size + local``), as Composer's
-    launcher does. ``None`` without a process group or with one process.
+    launcher does. Each rank reads its layout from its own environment, so the ranks first check,
+    with one small all-gather, that every rank reports that same layout; if not, every rank raises
+    the same error naming every rank's view. ``None`` without a process group or with one process.
+
+    Raises:
+        ValueError: on every rank, if the ranks' layouts disagree or do not tile the world.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    world = dist.get_world_size()
-    if local_world_size < 1 or world % local_world_size:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    local_rank = rank % max(local_world_size, 1) if local_rank is None else local_rank
+    node_rank = rank // max(local_world_size, 1) if node_rank is None else node_rank
+    mine = torch.tensor([local_world_size, local_rank, node_rank], dtype=torch.int64, device=_comm_device(None))
+    table = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine)
+    views = [tuple(t.tolist()) for t in table]
+    sizes = {v[0] for v in views}
+    consistent = (len(sizes) == 1 and local_world_size >= 1 and world % local_world_size == 0
+                  and all(n * size + local == r and 0 <= local < size for r, (size, local, n) in enumerate(views)))
+    if not consistent:
+        lines = '\n'.join(f'  rank {r}: local_world_size={s}, local_rank={lr}, node_rank={n}'
+                          for r, (s, lr, n) in enumerate(views))
         raise ValueError(
-            f"mode='node' needs the world size {world} to be a multiple of the local world size, "
-            f'got local_world_size={local_world_size}',
+            f"mode='node' needs every rank to agree on one node layout (the same local_world_size, dividing the "
+            f'world size {world}, and global rank = node_rank * local_world_size + local_rank); the ranks report:\n'
+            f'{lines}',
         )
     group, _ = dist.new_subgroups(group_size=local_world_size)
     return group
 
 
 def _comm_device(group: ProcessGroup) -> torch.device:
+    """Where a collective's tensors must live: the current GPU for NCCL, the host otherwise."""
     if dist.get_backend(group) == 'nccl':
         return torch.device('cuda', torch.cuda.current_device())
     return torch.device('cpu')

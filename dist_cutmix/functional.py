@@ -27,6 +27,7 @@ __all__ = [
     'box_to_composer',
     'cutmix_batch',
     'gather_crops',
+    'label_lambda',
     'mix_targets',
     'paste_crops',
     'sample_box',
@@ -41,6 +42,9 @@ __all__ = [
 
 Box = tuple[int, int, int, int]
 """``(y0, y1, x0, x1)``: rows ``y0:y1`` (dim -2) and columns ``x0:x1`` (dim -1)."""
+
+LABEL_LAMBDA_BITS = 10
+"""Label weights are multiples of ``2**-LABEL_LAMBDA_BITS`` (see :func:`label_lambda`)."""
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,12 @@ def validate_input(input: object) -> Tensor:
 
 
 def target_kind(target: Tensor, input: Tensor) -> str:
-    """Classify ``target`` as ``'index'`` ``(N,)``, ``'soft'`` ``(N, K)`` or ``'dense'`` ``(N, ..., H, W)``."""
+    """Classify ``target``: ``'index'`` (integer ``(N,)``), ``'binary'`` (floating ``(N,)``, as for
+    ``BCEWithLogitsLoss``), ``'soft'`` ``(N, K)`` or ``'dense'`` ``(N, ..., H, W)``."""
     if target.ndim >= 3 and tuple(target.shape[-2:]) == tuple(input.shape[-2:]):
         return 'dense'
     if target.ndim == 1:
-        return 'index'
+        return 'binary' if target.is_floating_point() else 'index'
     if target.ndim == 2:
         return 'soft'
     raise ValueError(
@@ -103,8 +108,10 @@ def validate_target(target: object, input: Tensor) -> str:
             f'got target of shape {tuple(target.shape)}',
         )
     kind = target_kind(target, input)
-    if kind == 'index' and (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):
-        raise TypeError(f'index targets of shape (N,) must have an integer dtype, got {target.dtype}')
+    if kind == 'index' and (target.is_complex() or target.dtype == torch.bool):
+        raise TypeError(
+            f'targets of shape (N,) must be integer class indices or floating binary targets, got {target.dtype}',
+        )
     return kind
 
 
@@ -166,6 +173,21 @@ def box_lambda(box: Box, height: int, width: int) -> float:
     if height * width == 0:
         return 1.0
     return 1.0 - (max(y1 - y0, 0) * max(x1 - x0, 0)) / (height * width)
+
+
+def label_lambda(lam: float) -> float:
+    """The weight of a sample's own label: λ rounded to the nearest multiple of ``2**-10``.
+
+    The pixel share λ is ``1 - area / (H * W)``, rarely a short binary fraction, and
+    ``λ·onehot + (1-λ)·onehot`` then sums to a rounding step under ``N`` over a float32 batch
+    about one batch in seven: Composer's ``soft_cross_entropy`` warns ("Some targets have less
+    than 1 total probability") and rescales the loss. With a dyadic λ every target entry is a
+    multiple of ``2**-10``, each row sums to exactly 1 and the batch to exactly ``N`` (exact in
+    float32 for up to ``2**14`` samples a loss call). The label weight differs from the pixel
+    share by at most ``2**-11``.
+    """
+    scale = 1 << LABEL_LAMBDA_BITS
+    return round(lam * scale) / scale
 
 
 def sample_partners(n: int, *, exclude_self: bool = True, generator: torch.Generator) -> Tensor:
@@ -318,12 +340,13 @@ def mix_targets(
             ``(N, ..., y1 - y0, x1 - x0)`` are needed (full maps are cropped here).
         lam: the exact kept share, from :class:`CutMixParams`.
         box: the pasted box.
-        kind: ``'index'``, ``'soft'`` or ``'dense'`` (see :func:`target_kind`).
+        kind: ``'index'``, ``'binary'``, ``'soft'`` or ``'dense'`` (see :func:`target_kind`).
         num_classes: number of classes, required for index targets.
 
     Returns:
-        Dense targets with the partner box pasted; otherwise soft targets
-        ``lam * own + (1 - lam) * partner`` (index targets become one-hot first, as float32).
+        Dense targets with the partner box pasted; otherwise ``l * own + (1 - l) * partner`` with
+        the label weight ``l = label_lambda(lam)`` (index targets become one-hot first, as float32),
+        so one-hot rows sum to exactly 1.
 
     Raises:
         ValueError: if index targets lack ``num_classes`` or fall outside ``[0, num_classes)``.
@@ -342,7 +365,8 @@ def mix_targets(
         own, other = target, partner.to(target.dtype)
         if not own.is_floating_point():
             own, other = own.float(), other.float()
-    return own * lam + other * (1.0 - lam)
+    weight = label_lambda(lam)
+    return own * weight + other * (1.0 - weight)
 
 
 def _one_hot(labels: Tensor, num_classes: int) -> Tensor:

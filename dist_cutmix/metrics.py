@@ -77,47 +77,55 @@ def _soft_target_accuracy_validate(preds: Tensor, target: Tensor, num_classes: O
     """Raise on preds/target shapes, dtypes or values that :func:`soft_target_accuracy` cannot score."""
     if not isinstance(preds, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f'preds and target must be tensors, got {type(preds).__name__} and {type(target).__name__}')
-    if preds.ndim != 2 or not preds.is_floating_point():
+    if preds.ndim < 2 or not preds.is_floating_point():
         raise ValueError(
-            f'preds must be floating-point logits or probabilities of shape (N, C), '
+            f'preds must be floating-point logits or probabilities of shape (N, C) or (N, C, ...), '
             f'got shape {tuple(preds.shape)} and dtype {preds.dtype}',
         )
-    n, c = preds.shape
+    c = preds.shape[1]
     if num_classes is not None and c != num_classes:
         raise ValueError(f'preds must have num_classes={num_classes} columns, got preds of shape {tuple(preds.shape)}')
-    if target.ndim == 1:
-        if target.shape[0] != n:
-            raise ValueError(f'target of shape {tuple(target.shape)} must have preds\' batch size {n}')
+    index_shape = preds.shape[:1] + preds.shape[2:]
+    if target.shape == index_shape:
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise ValueError(f'index targets of shape (N,) must have an integer dtype, got target dtype {target.dtype}')
-        if validate_values and n and (int(target.min()) < 0 or int(target.max()) >= c):
+            raise ValueError(f'index targets of shape (N, ...) must have an integer dtype, got target dtype {target.dtype}')
+        if validate_values and target.numel() and (int(target.min()) < 0 or int(target.max()) >= c):
             raise ValueError(
                 f'index targets must lie in [0, {c}) for preds with {c} classes, '
                 f'got values in [{int(target.min())}, {int(target.max())}]',
             )
-    elif target.ndim == 2:
-        if target.shape[0] != n:
-            raise ValueError(f'target of shape {tuple(target.shape)} must have preds\' batch size {n}')
-        if target.shape[1] != c:
-            raise ValueError(
-                f'soft target must have as many columns as preds: target has {target.shape[1]}, '
-                f'preds has {c} (shapes {tuple(target.shape)} and {tuple(preds.shape)})',
-            )
-        if validate_values and n:
+    elif target.shape == preds.shape:
+        if validate_values and target.numel():
             mass = target.to(torch.float64)
             if bool((mass < 0).any()):
                 raise ValueError(f'soft target must be non-negative, got a minimum of {float(mass.min())}')
             worst = float((mass.sum(dim=1) - 1).abs().max())
             if worst > _ROW_SUM_ATOL:
                 raise ValueError(f'soft target rows must sum to 1, got a row sum off by {worst:.4g}')
+    elif target.ndim == 2 and preds.ndim == 2 and target.shape[0] == preds.shape[0]:
+        raise ValueError(
+            f'soft target must have as many columns as preds: target has {target.shape[1]}, '
+            f'preds has {c} (shapes {tuple(target.shape)} and {tuple(preds.shape)})',
+        )
     else:
         raise ValueError(
-            f'target must be index labels (N,) or a soft/one-hot target (N, C), got shape {tuple(target.shape)}',
+            f'target must be index labels {tuple(index_shape)} or a soft/one-hot target {tuple(preds.shape)} for preds '
+            f'of shape {tuple(preds.shape)}, got shape {tuple(target.shape)}',
         )
+
+
+def _flatten_class_last(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(N, C, d...)`` preds and their target as ``(N * d..., C)`` rows: every position is one sample."""
+    if preds.ndim == 2:
+        return preds, target
+    c = preds.shape[1]
+    rows = preds.movedim(1, -1).reshape(-1, c)
+    return rows, (target.movedim(1, -1).reshape(-1, c) if target.shape == preds.shape else target.reshape(-1))
 
 
 def _soft_target_accuracy_update(preds: Tensor, target: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """Return the summed per-sample scores (target mass on the top-k predicted classes) and the sample count."""
+    preds, target = _flatten_class_last(preds, target)
     # argmax for k = 1 breaks ties the way torchmetrics does (first maximum); topk may not.
     top = preds.argmax(dim=1, keepdim=True) if top_k == 1 else preds.topk(top_k, dim=1).indices
     if target.ndim == 1:
@@ -141,11 +149,14 @@ def soft_target_accuracy(preds: Tensor, target: Tensor, top_k: int = 1, validate
 
     For index labels this is ``MulticlassAccuracy(num_classes, top_k=top_k, average='micro')``. For a
     CutMix target ``λ·onehot(own) + (1-λ)·onehot(partner)`` a sample scores λ when the model names its
-    own class, ``1 - λ`` when it names the partner's, and 0 otherwise.
+    own class, ``1 - λ`` when it names the partner's, and 0 otherwise. Dense predictions
+    ``(N, C, d...)`` (segmentation) score every position as a sample: pixel accuracy, as micro
+    ``MulticlassAccuracy`` computes it.
 
     Args:
-        preds: logits or probabilities of shape ``(N, C)``.
-        target: index labels ``(N,)`` (integer) or a soft or one-hot target ``(N, C)`` whose rows sum to 1.
+        preds: logits or probabilities of shape ``(N, C)`` or ``(N, C, d...)``.
+        target: index labels ``(N,)``/``(N, d...)`` (integer) or a soft or one-hot target shaped like
+            ``preds`` whose class axis (dim 1) sums to 1.
         top_k: how many of the highest-scoring classes count as predicted, ``1 <= top_k <= C``.
         validate_args: check target values (index range, non-negative rows summing to 1); costs a
             device sync, as in torchmetrics.
@@ -214,7 +225,7 @@ class SoftTargetAccuracy(Metric):
         self.add_state('count', default=torch.tensor(0, dtype=torch.long), dist_reduce_fx='sum')
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        """Add a batch: ``preds`` ``(N, C)`` and index ``(N,)`` or soft ``(N, C)`` targets."""
+        """Add a batch: ``preds`` ``(N, C, d...)`` and index ``(N, d...)`` or soft ``(N, C, d...)`` targets."""
         _soft_target_accuracy_validate(preds, target, self.num_classes, self.validate_args)
         score, count = _soft_target_accuracy_update(preds, target, self.top_k)
         self.score += score.to(self.score.dtype)
@@ -228,11 +239,24 @@ class SoftTargetAccuracy(Metric):
 # ----------------------------------------------------------------------------- wrapper
 
 
-def _argmax_target(target: Tensor) -> Tensor:
-    """Read a floating-point target with a class axis (dim 1) as its most likely class; pass others unchanged."""
-    if isinstance(target, Tensor) and target.is_floating_point() and target.ndim >= 2:
-        return target.argmax(dim=1)
+def _argmax_target(target: Tensor, binary: bool = False) -> Tensor:
+    """Read a floating-point target as its most likely class; pass others unchanged.
+
+    A target with a class axis (dim 1) becomes its argmax; a binary metric's target (a probability
+    of the positive class, as CutMix mixes ``λ·y + (1-λ)·y'``) becomes ``1`` above 0.5, else ``0``
+    (a tie goes to the lower class, as with argmax).
+    """
+    if isinstance(target, Tensor) and target.is_floating_point():
+        if binary:
+            return (target > 0.5).long()
+        if target.ndim >= 2:
+            return target.argmax(dim=1)
     return target
+
+
+def _is_binary(metric: Metric) -> bool:
+    """True for a torchmetrics binary metric (or a subclass of one)."""
+    return any(cls.__name__.startswith('Binary') for cls in type(metric).__mro__)
 
 
 def _is_multilabel(metric: Metric) -> bool:
@@ -244,7 +268,8 @@ class SoftTargetWrapper(MetricInputTransformer):
     """Let a torchmetrics classification metric take soft targets ``(N, C)`` by reading each as its argmax.
 
     A floating-point target with a class axis (``(N, C)``, or ``(N, C, ...)``) becomes index labels
-    ``target.argmax(dim=1)`` (ties go to the lower class index); index labels pass unchanged.
+    ``target.argmax(dim=1)`` (ties go to the lower class index); for a binary metric a mixed float
+    target ``(N, ...)`` becomes ``target > 0.5``; index labels pass unchanged.
     Predictions are not touched. Everything else is the wrapped metric's own: ``compute``, ``reset``,
     ``forward``, distributed sync and ``state_dict`` (under the ``wrapped_metric.`` prefix), built on
     torchmetrics' :class:`~torchmetrics.wrappers.transformations.MetricInputTransformer`.
@@ -316,7 +341,7 @@ class SoftTargetWrapper(MetricInputTransformer):
                 f'soft target must have num_classes={num_classes} columns for {type(self.wrapped_metric).__name__}, '
                 f'got target of shape {tuple(target.shape)}',
             )
-        return _argmax_target(target)
+        return _argmax_target(target, binary=_is_binary(self.wrapped_metric))
 
     def update(self, preds: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> None:
         """Update the wrapped metric with ``target`` read as index labels."""
@@ -382,7 +407,16 @@ def _soft_aware(metric: Metric) -> Metric:
     return SoftTargetWrapper(metric)
 
 
-def prepare_train_metrics(metrics: Optional[dict[str, Metric]], *, wrap: bool = True) -> dict[str, Metric]:
+_MIXED_TARGETS = {
+    'index': 'soft targets (N, C)',
+    'soft': 'soft targets (N, C)',
+    'binary': "mixed binary targets λ·y + (1-λ)·y' (floats between 0 and 1)",
+}
+
+
+def prepare_train_metrics(
+    metrics: Optional[dict[str, Metric]], *, wrap: bool = True, kind: str = 'index',
+) -> dict[str, Metric]:
     """Make train metrics read CutMix's soft targets truthfully, or refuse the ones that cannot.
 
     Each stock torchmetrics classification metric (from ``torchmetrics.classification``) that is
@@ -394,6 +428,8 @@ def prepare_train_metrics(metrics: Optional[dict[str, Metric]], *, wrap: bool = 
     Args:
         metrics: Composer's ``state.train_metrics`` (``None`` gives ``{}``).
         wrap: replace stock metrics; with ``False`` a stock metric is an error instead.
+        kind: the kind of the targets before mixing (see :func:`dist_cutmix.functional.target_kind`),
+            named in the error; dense targets are pasted, not softened, and need no change.
 
     Returns:
         A new dict with the same keys, in the same order.
@@ -410,6 +446,8 @@ def prepare_train_metrics(metrics: Optional[dict[str, Metric]], *, wrap: bool = 
     """
     if metrics is None:
         return {}
+    if kind == 'dense':
+        return dict(metrics)
     stock = {key: metric for key, metric in metrics.items() if _is_stock_classification(metric)}
     multilabel = [f'{key!r} ({type(m).__name__})' for key, m in stock.items() if _is_multilabel(m)]
     if multilabel:
@@ -421,7 +459,7 @@ def prepare_train_metrics(metrics: Optional[dict[str, Metric]], *, wrap: bool = 
     if stock and not wrap:
         names = ', '.join(f'{key!r} ({type(m).__name__})' for key, m in stock.items())
         raise ValueError(
-            f'CutMix puts soft targets (N, C) into the batch, and the train metric(s) {names} would report wrong '
+            f'CutMix puts {_MIXED_TARGETS.get(kind, "mixed targets")} into the batch, and the train metric(s) {names} would report wrong '
             f'numbers on them without an error; use dist_cutmix.metrics.SoftTargetAccuracy or '
             f'SoftTargetWrapper(metric) instead, or CutMix(wrap_train_metrics=True) to do it for you',
         )

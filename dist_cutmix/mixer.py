@@ -14,6 +14,7 @@ from dist_cutmix import functional as F
 from dist_cutmix._random import batch_generator
 from dist_cutmix.distributed import (
     ExchangePlan,
+    BatchMismatchError,
     ProcessGroup,
     agree_on_batch,
     exchange_rows,
@@ -33,12 +34,13 @@ class MixResult:
         target: mixed targets (soft for index/soft targets, pasted for dense); the original
             targets when ``mix_target=False`` was asked for.
         partner_target: each sample's partner's target (crops for dense targets).
-        lam: share of each image that stayed its own.
+        lam: share of each image that stayed its own (the exact pixel share).
         box: ``(y0, y1, x0, x1)``.
         partner_rank: group rank holding each sample's partner.
         partner_index: the partner's index in that rank's batch.
         cross_rank_fraction: share of the whole (group) batch whose partner is on another rank.
         bytes_sent: bytes this rank sent to other ranks.
+        kind: the target kind (see :func:`dist_cutmix.functional.target_kind`).
     """
 
     input: Tensor
@@ -50,9 +52,17 @@ class MixResult:
     partner_index: Tensor
     cross_rank_fraction: float = 0.0
     bytes_sent: int = 0
+    kind: str = 'index'
+
+    @property
+    def label_lam(self) -> float:
+        """The weight of each sample's own label and loss: ``lam`` rounded to a multiple of ``2**-10``."""
+        return F.label_lambda(self.lam)
 
 
-def _kind_and_problem(input: object, target: object, num_classes: Optional[int], mix_target: bool):
+def _kind_and_problem(
+    input: object, target: object, num_classes: Optional[int], mix_target: bool,
+) -> tuple[Optional[str], Optional[Exception]]:
     """This rank's target kind and its input error, if any (raised later, on every rank together)."""
     try:
         F.validate_input(input)
@@ -67,12 +77,7 @@ def _kind_and_problem(input: object, target: object, num_classes: Optional[int],
                 )
         return kind, None
     except (TypeError, ValueError) as e:
-        return None, f'{type(e).__name__}: {e}'
-
-
-def _raise(problem: str) -> None:
-    kind, message = problem.split(': ', 1)
-    raise (TypeError if kind == 'TypeError' else ValueError)(message)
+        return None, e
 
 
 def mix_batch_local(
@@ -96,7 +101,7 @@ def mix_batch_local(
     """
     kind, problem = _kind_and_problem(input, target, num_classes, mix_target)
     if problem is not None:
-        _raise(problem)
+        raise problem
     n, _, h, w = input.shape
     params = F.sample_params(
         n, h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
@@ -110,7 +115,7 @@ def mix_batch_local(
         if mix_target else target
     return MixResult(
         input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=params.box,
-        partner_rank=torch.full((n,), rank), partner_index=params.indices,
+        partner_rank=torch.full((n,), rank), partner_index=params.indices, kind=kind,
     )
 
 
@@ -153,12 +158,16 @@ def mix_batch_across_group(
     kind, problem = _kind_and_problem(input, target, num_classes, mix_target)
     if world == 1:
         if problem is not None:
-            _raise(problem)
+            raise problem
         sizes = [input.shape[0]]
     else:
         signature = 'invalid' if problem else _signature(input, target, kind, num_classes)
         size = input.shape[0] if problem is None else 0
-        sizes = agree_on_batch(signature, size, problem, group)
+        try:
+            sizes = agree_on_batch(signature, size, None if problem is None else f'{type(problem).__name__}: {problem}',
+                                   group)
+        except BatchMismatchError as mismatch:
+            raise mismatch from problem
     n, _, h, w = input.shape
     params = F.sample_params(
         sum(sizes), h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
@@ -193,5 +202,5 @@ def mix_batch_across_group(
     return MixResult(
         input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=box,
         partner_rank=partner_rank, partner_index=partner_index,
-        cross_rank_fraction=cross, bytes_sent=bytes_sent,
+        cross_rank_fraction=cross, bytes_sent=bytes_sent, kind=kind,
     )

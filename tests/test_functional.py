@@ -60,7 +60,9 @@ def test_targets_are_lambda_own_plus_one_minus_lambda_partner(kind):
     mixed = F.mix_targets(target, partner, params.lam, params.box, kind=kind, num_classes=c)
     own = torch.eye(c)[labels] if kind == 'index' else target
     other = own[params.indices]
-    torch.testing.assert_close(mixed, params.lam * own + (1 - params.lam) * other)
+    weight = round(params.lam * 1024) / 1024  # the label weight: λ on a 2**-10 grid
+    assert abs(weight - params.lam) <= 2**-11
+    torch.testing.assert_close(mixed, weight * own + (1 - weight) * other)
     torch.testing.assert_close(mixed.sum(1), torch.ones(n))
 
 
@@ -157,7 +159,7 @@ def test_lambda_follows_beta_alpha_alpha():
         (lambda x, y: cutmix_batch([1, 2], y), 'input must be a torch.Tensor'),
         (lambda x, y: cutmix_batch(x, y.tolist()), 'target must be a torch.Tensor, got list'),
         (lambda x, y: cutmix_batch(x, y[:3]), 'target batch size must equal the input batch size 4'),
-        (lambda x, y: cutmix_batch(x, y.float()), 'index targets of shape .* integer dtype, got torch.float32'),
+        (lambda x, y: cutmix_batch(x, y.bool()), r'targets of shape \(N,\) must be integer .*, got torch.bool'),
         (lambda x, y: cutmix_batch(x, y, bbox=(0, 0, 9, 2)), 'bbox must lie inside the 8x8 image'),
     ],
 )

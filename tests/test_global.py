@@ -26,6 +26,8 @@ def _rank_data(rank: int, n: int, kind: str, channels_last: bool = False):
         y = torch.randint(0, K, (n,), generator=g)
     elif kind == 'soft':
         y = torch.softmax(torch.randn(n, K, generator=g), 1)
+    elif kind == 'binary':
+        y = torch.randint(0, 2, (n,), generator=g).float()
     else:
         y = torch.randint(0, K, (n, H, W), generator=g)
     return x, y
@@ -49,6 +51,7 @@ CASES = [
     ([5, 2], 'index', False),  # interpolate_loss: targets stay, partner targets travel
     ([1, 1], 'index', True),  # a per-rank batch of one still mixes
     ([0, 4, 2], 'soft', True),  # a rank with no samples takes part
+    ([3, 2], 'binary', True),  # float (N,) targets for BCEWithLogitsLoss: λ·y + (1-λ)·y'
 ]
 
 
@@ -74,9 +77,13 @@ def test_w_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, sizes, ki
     torch.testing.assert_close(torch.cat([r['target'] for r in results]), single.target, rtol=0, atol=0)
     if kind != 'dense':
         torch.testing.assert_close(torch.cat([r['partner_target'] for r in results]), y_all[params.indices])
+    weight = round(params.lam * 1024) / 1024  # the label weight: λ on a 2**-10 grid
     if kind == 'index' and mix_target:
-        ref_t = params.lam * torch.eye(K)[y_all] + (1 - params.lam) * torch.eye(K)[y_all[params.indices]]
+        ref_t = weight * torch.eye(K)[y_all] + (1 - weight) * torch.eye(K)[y_all[params.indices]]
         torch.testing.assert_close(single.target, ref_t)
+        assert float(single.target.sum()) == sum(sizes)  # exactly N: no soft cross-entropy warning
+    if kind == 'binary':
+        torch.testing.assert_close(single.target, weight * y_all + (1 - weight) * y_all[params.indices])
     if not mix_target:
         assert torch.equal(torch.cat([r['target'] for r in results]), y_all)
     # every rank agrees on box and lambda; partners form one permutation of the global batch
