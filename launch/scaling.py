@@ -118,7 +118,7 @@ def _exchange(world: int, per_rank: int, group_size: int, shape: tuple[int, int,
 
 
 def scaling_rows(worlds: Sequence[int], per_rank: int = 32, shape: tuple[int, int, int] = (3, 224, 224),
-                 elem: int = 4, node_size: int = 8, draws: int = 8, seed: int = 0,
+                 elem: int = 4, node_size: int = 8, draws: int = 32, seed: int = 0,
                  alpha: float = 1.0) -> list[dict[str, Any]]:
     """One row per (W, mode): bytes sent per rank and peers per rank, mean and max over ranks.
 

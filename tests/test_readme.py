@@ -1,49 +1,137 @@
-"""The README's Python blocks run as written."""
+"""The README and docs/ as code: their Python blocks run, their launch/ commands parse, their links resolve."""
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / 'README.md'
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / 'README.md'
+DOCS = sorted((ROOT / 'docs').glob('*.md'))
+PAGES = [README, *DOCS]
+README_LIMIT = 10_000  # characters: a front page, the rest in docs/
+SETUP_COMMANDS = (
+    "python3.11 -m venv .venv && .venv/bin/pip install -e '.[launch]' && .venv/bin/python launch/train.py",
+    "python3.11 -m venv .venv && .venv/bin/pip install -e '.[test,launch,bench]' && .venv/bin/python -m pytest -n 2 -q",
+)
 
 
-def test_readme_python_blocks_run():
-    blocks = re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.S)
-    assert blocks, 'README has no python block'
+def _name(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+def _python_blocks(page: Path) -> list[str]:
+    return re.findall(r'```python\n(.*?)```', page.read_text(), flags=re.S)
+
+
+def _check_readme(ns: dict) -> None:
+    assert ns['trainer'].state.timestamp.batch.value == 2
+
+
+def _check_metrics(ns: dict) -> None:
+    # the page's claims, on its own example
+    preds, target = ns['preds'], ns['target']
+    assert ns['MulticlassAccuracy'](num_classes=4, average='micro')(preds, target).item() == 0.0
+    assert ns['SoftTargetAccuracy'](num_classes=4)(preds, target).item() == pytest.approx(0.425)
+
+
+# Pages that must hold Python blocks, and what their blocks must leave behind.
+CHECKS = {'README.md': _check_readme, 'docs/metrics.md': _check_metrics, 'docs/design.md': lambda ns: None}
+
+
+def test_every_checked_page_exists():
+    assert set(CHECKS) <= {_name(p) for p in PAGES}
+
+
+@pytest.mark.parametrize('page', PAGES, ids=_name)
+def test_python_blocks_run(page):
+    blocks = _python_blocks(page)
+    if _name(page) in CHECKS:
+        assert blocks, f'{_name(page)} has no python block'
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, str(README), 'exec'), namespace)  # noqa: S102 - our own README
-    assert namespace['trainer'].state.timestamp.batch.value == 2
-    # the metrics section's claims, on its own example
-    preds, target = namespace['preds'], namespace['target']
-    assert namespace['MulticlassAccuracy'](num_classes=4, average='micro')(preds, target).item() == 0.0
-    assert namespace['SoftTargetAccuracy'](num_classes=4)(preds, target).item() == pytest.approx(0.425)
+        exec(compile(block, str(page), 'exec'), namespace)  # noqa: S102 - our own docs
+    CHECKS.get(_name(page), lambda ns: None)(namespace)
 
 
 def _parsers():
-    from launch import benchmark, experiment, train, visualize
+    from launch import benchmark, experiment, scaling, train, visualize
 
     return {
         'train': train.parse_args,
         'benchmark': benchmark._parse_args,
         'experiment': lambda argv: experiment.build_parser().parse_args(argv),
         'visualize': lambda argv: visualize.build_parser().parse_args(argv),
+        'scaling': lambda argv: scaling.build_parser().parse_args(argv),
     }
 
 
-def test_readme_launch_commands_parse():
-    # Every command line the README shows for a launch/ script is accepted by that script's parser,
-    # so a renamed or removed option cannot leave the README behind.
-    text = README.read_text()
-    commands = re.findall(r'(?:python|-n \d+) launch/(\w+)\.py([^`\n#&]*)', text)
+def test_launch_commands_parse():
+    # Every command line the README or docs/ show for a launch/ script is accepted by that script's
+    # parser, so a renamed or removed option cannot leave the docs behind.
     parsers = _parsers()
     seen = set()
-    for script, rest in commands:
-        argv = rest.split()
-        if '--help' in argv:
-            continue
-        parsers[script](argv)  # argparse exits (SystemExit) on an unknown option or bad value
-        seen.add(script)
-    assert seen == set(parsers), f'README shows no command for {set(parsers) - seen}'
+    for page in PAGES:
+        for script, rest in re.findall(r'(?:python|-n \d+) launch/(\w+)\.py([^`\n#&]*)', page.read_text()):
+            argv = rest.split()
+            if '--help' in argv:
+                continue
+            assert script in parsers, f'{_name(page)} shows launch/{script}.py, which no test parses'
+            try:
+                parsers[script](argv)  # argparse exits (SystemExit) on an unknown option or bad value
+            except SystemExit as e:
+                raise AssertionError(f'{_name(page)}: launch/{script}.py {rest.strip()} does not parse') from e
+            seen.add(script)
+    assert seen == set(parsers), f'README and docs/ show no command for {set(parsers) - seen}'
+
+
+def test_readme_is_a_front_page():
+    text = README.read_text()
+    assert len(text) <= README_LIMIT, f'README.md has {len(text)} characters, more than {README_LIMIT}'
+    for command in SETUP_COMMANDS:
+        assert f'\n{command}\n```' in text, f'README lost the set-up command {command!r}'
+    assert '`python -m pytest -n 2 -q`' in text
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+
+
+def _anchors(page: Path) -> set[str]:
+    text = re.sub(r'```.*?```', '', page.read_text(), flags=re.S)
+    return {_slug(h) for h in re.findall(r'^#+ (.*)$', text, flags=re.M)}
+
+
+def _links(page: Path) -> list[str]:
+    text = re.sub(r'```.*?```', '', page.read_text(), flags=re.S)
+    return [t for t in re.findall(r'\]\(([^)\s]+)\)', text) if not re.match(r'[a-z]+://', t)]
+
+
+@pytest.mark.parametrize('page', PAGES, ids=_name)
+def test_links_resolve(page):
+    for link in _links(page):
+        path, _, anchor = link.partition('#')
+        target = (page.parent / path).resolve() if path else page
+        assert target.exists(), f'{_name(page)} links to {link}, which does not exist'
+        if anchor:
+            assert anchor in _anchors(target), f'{_name(page)} links to {link}: no such heading in {path or "itself"}'
+
+
+def test_readme_links_every_docs_page():
+    linked = {(ROOT / link.partition('#')[0]).resolve() for link in _links(README)}
+    missing = [_name(p) for p in DOCS if p.resolve() not in linked]
+    assert not missing, f'README.md does not link {missing}'
+
+
+def test_readme_argument_table_names_real_arguments():
+    from dist_cutmix import CutMix
+
+    text = README.read_text()
+    table = text[text.index('| argument | meaning |'):]
+    table = table[:table.index('\n\n')]
+    named = set(re.findall(r'`(\w+)`', ''.join(line.split('|')[1] for line in table.splitlines()[2:])))
+    params = set(inspect.signature(CutMix).parameters)
+    assert named and named <= params, f'README documents {named - params}, which CutMix does not take'

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +75,13 @@ def test_script_prints_and_writes_the_table(tmp_path, capsys):
 def test_rejects_a_world_that_is_not_whole_nodes():
     with pytest.raises(ValueError, match='multiple of node_size=8'):
         scaling.scaling_rows([12])
+
+
+def test_design_doc_shows_what_the_script_computes():
+    # The docs' scaling table is this script's output; its small rows are cheap to recompute.
+    design = (Path(__file__).resolve().parents[1] / 'docs' / 'design.md').read_text()
+    shown = [line for line in design.splitlines() if re.match(r'\| (8|64) \| ', line)]
+    computed = scaling.markdown(scaling.scaling_rows([8, 64])).splitlines()[2:]
+    assert shown == computed
+    header = scaling.markdown([]).splitlines()[0]
+    assert header in design
