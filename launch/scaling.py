@@ -141,7 +141,8 @@ def scaling_rows(worlds: Sequence[int], per_rank: int = 32, shape: tuple[int, in
                          'peers_max': world - 1.0, 'box_share': None}
             else:
                 group = world if mode == 'global' else node_size
-                acc = dict.fromkeys(('bytes_mean', 'bytes_max', 'rows_mean', 'peers_mean', 'peers_max', 'box_share'), 0.0)
+                keys = ('bytes_mean', 'bytes_max', 'rows_mean', 'peers_mean', 'peers_max', 'box_share')
+                acc = dict.fromkeys(keys, 0.0)
                 for b in range(draws):
                     sent, sent_rows, peers, share = _exchange(world, per_rank, group, shape, elem, seed, b, alpha)
                     acc['rows_mean'] += float(sent_rows.double().mean()) / draws
