@@ -251,9 +251,6 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None) -> dict[st
     from dist_cutmix import CutMix
     from dist_cutmix.metrics import SoftTargetAccuracy
 
-    # CutMix targets lam * onehot + (1 - lam) * onehot can sum to 1 - 6e-8 in float32; Composer's soft
-    # cross entropy then warns (and rescales the loss by that factor). Only this rounding triggers it here.
-    warnings.filterwarnings('ignore', message='Some targets have less than 1 total probability')
     device = _device_name(args.device)
     threads = _set_threads(args.threads) if device == 'cpu' else torch.get_num_threads()
     world_size, rank = dist.get_world_size(), dist.get_global_rank()

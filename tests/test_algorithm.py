@@ -291,3 +291,92 @@ def test_train_accuracy_is_the_same_with_microbatches():
     b = [float(v) for _, v in split.data[key]]
     expected = [float(soft_target_accuracy(rec.whole(i, 'outputs'), rec.whole(i, 'target'))) for i in range(3)]
     assert len(a) == 3 and a == pytest.approx(b, abs=1e-6) and a == pytest.approx(expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- drop-in details
+
+
+def test_mixed_targets_sum_to_exactly_n_so_soft_cross_entropy_never_warns():
+    # Composer's soft cross entropy warns and rescales when a float32 target batch sums under N; with a
+    # pixel-share λ that happened about one batch in seven. Many random draws, the warning an error.
+    import warnings
+
+    from composer.loss import soft_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='.*less than 1 total probability.*')
+        for batch in range(400):
+            n, c = int(torch.randint(2, 300, (1,), generator=g)), int(torch.randint(2, 1000, (1,), generator=g))
+            h, w = int(torch.randint(5, 64, (1,), generator=g)), int(torch.randint(5, 64, (1,), generator=g))
+            labels = torch.randint(0, c, (n,), generator=g)
+            params = F.sample_params(n, h, w, generator=batch_generator(batch, 0))
+            target = F.mix_targets(labels, labels[params.indices], params.lam, params.box, kind='index', num_classes=c)
+            assert float(target.sum()) == n and bool((target.sum(1) == 1).all())
+            soft_cross_entropy(torch.randn(n, c, generator=g), target)
+
+
+def test_one_cutmix_serves_two_trainers_with_different_class_counts():
+    # Pretrain on 10 classes, fine-tune on 4: what the first run learned must not reach the second.
+    from composer import Trainer
+    from composer.models import ComposerClassifier
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    cutmix = CutMix()
+    for classes in (10, 4):
+        x, y = torch.rand(12, 3, 8, 8), torch.randint(0, classes, (12,))
+        net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, classes))
+        trainer = Trainer(model=ComposerClassifier(net, num_classes=classes),
+                          train_dataloader=DataLoader(TensorDataset(x, y), batch_size=4), max_duration='2ba',
+                          algorithms=[cutmix], device='cpu', progress_bar=False, log_to_console=False)
+        trainer.fit()
+        assert trainer.state.batch[1].shape == (4, classes)
+    assert cutmix.num_classes is None
+
+
+def test_dense_targets_keep_the_stock_pixel_metric_without_wrapping():
+    # wrap_train_metrics=False refuses metrics that would misread soft targets; dense targets are pasted,
+    # not softened, so a stock pixel-accuracy metric is right and training goes on.
+    from tests.compat_models import run_cell
+
+    out = run_cell('segmentation', 'tuple', 'soft', 'local')
+    assert out['logged']['metrics/train/PixelAccuracy']
+    with pytest.raises(ValueError, match=r'soft targets \(N, C\) into the batch.*wrap_train_metrics=True'):
+        _, _, _ = run_trainer([CutMix(wrap_train_metrics=False)], duration='1ba')
+
+
+def test_interpolate_loss_on_dense_targets_pastes_the_map_and_says_so():
+    from tests.compat_models import run_cell
+
+    with pytest.warns(UserWarning, match='pasted into the target map'):
+        run_cell('segmentation', 'dict', 'interpolate', 'local', batches=1)
+
+
+def _reuse_in_node_mode(rank, world):
+    cutmix = CutMix(mode='node')
+    groups = []
+    for _ in range(2):
+        run_trainer([cutmix], batch_size=3, duration='1ba')
+        groups.append(id(cutmix._run.group))
+    return groups
+
+
+def test_a_reused_cutmix_builds_its_node_group_anew_for_each_run(tmp_path):
+    results = run_ranks(_reuse_in_node_mode, 2, tmp_path)
+    assert all(first != second for first, second in results)
+
+
+def _node_layout_on_rank(rank, world):
+    run_trainer([CutMix(mode='node')], batch_size=3, duration='1ba')
+
+
+def test_ranks_that_disagree_on_the_node_layout_fail_together(tmp_path):
+    def env(rank: int) -> dict[str, str]:  # rank 1 believes it is alone on its node; rank 0 that they share one
+        return {'LOCAL_WORLD_SIZE': str(2 - rank), 'LOCAL_RANK': '0', 'NODE_RANK': str(rank)}
+
+    with pytest.raises(AssertionError) as failure:
+        run_ranks(_node_layout_on_rank, 2, tmp_path, per_rank_env=env)
+    text = str(failure.value)
+    assert text.count("mode='node' needs every rank to agree on one node layout") == 2, text
+    assert 'rank 1: local_world_size=1, local_rank=0, node_rank=1' in text

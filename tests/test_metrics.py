@@ -393,3 +393,40 @@ def test_trainer_reports_true_train_accuracy_on_mixed_targets() -> None:
 def test_trainer_without_wrapping_stops_with_the_fix() -> None:
     with pytest.raises(ValueError, match=r"'MulticlassAccuracy' \(MulticlassAccuracy\).*wrap_train_metrics=True"):
         _train(1, wrap=False)
+
+
+# ----------------------------------------------------------------------------- dense and binary targets
+
+
+def test_soft_target_accuracy_on_dense_predictions_is_pixel_accuracy() -> None:
+    g = torch.Generator().manual_seed(3)
+    preds = torch.randn(3, 5, 6, 7, generator=g)
+    target = torch.randint(0, 5, (3, 6, 7), generator=g)
+    stock = MulticlassAccuracy(num_classes=5, average='micro')(preds, target)
+    ours = SoftTargetAccuracy(num_classes=5)
+    ours.update(preds, target)
+    torch.testing.assert_close(ours.compute(), stock)
+    # a soft map (N, C, H, W) scores the target mass on each pixel's predicted class
+    soft = torch.softmax(torch.randn(3, 5, 6, 7, generator=g), 1)
+    expected = soft.gather(1, preds.argmax(1, keepdim=True)).mean()
+    torch.testing.assert_close(soft_target_accuracy(preds, soft), expected)
+
+
+def test_wrapped_binary_metric_reads_a_mixed_target_as_its_majority_label() -> None:
+    from torchmetrics.classification import BinaryAccuracy
+
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    mixed = torch.tensor([0.75, 0.25, 0.5, 0.0])  # λ·y + (1-λ)·y'; 0.5 is a tie: the lower class
+    metric = SoftTargetWrapper(BinaryAccuracy())
+    metric.update(logits, mixed)
+    reference = BinaryAccuracy()(logits, torch.tensor([1, 0, 0, 0]))
+    torch.testing.assert_close(metric.compute(), reference)
+
+
+def test_prepare_names_the_mixed_binary_targets_and_leaves_dense_ones_alone() -> None:
+    from torchmetrics.classification import BinaryAccuracy
+
+    with pytest.raises(ValueError, match=r"mixed binary targets .*'acc' \(BinaryAccuracy\)"):
+        prepare_train_metrics({'acc': BinaryAccuracy()}, wrap=False, kind='binary')
+    stock = {'pixels': MulticlassAccuracy(num_classes=3, average='micro')}
+    assert prepare_train_metrics(stock, wrap=False, kind='dense') == stock
