@@ -71,8 +71,10 @@ def test_quick_run_reports_every_part(tmp_path, capsys, keep_threads):
         assert _positive(r['time_ratio']) and r['bytes_ratio'] > 1
         assert all(len(v) == 2 for v in r['step_s'].values())
 
-    # step: local on one rank, global on two, with and without CutMix
-    assert [(r['mode'], r['world']) for r in report['step']] == [('local', 1), ('global', 2)]
+    # step: local on one rank, global on two, with and without CutMix; the default and inplace=True
+    assert [(r['mode'], r['world'], r['variant'], r['inplace']) for r in report['step']] == [
+        (mode, world, name, inplace) for mode, world in (('local', 1), ('global', 2))
+        for name, inplace in (('default (copy)', None), ('inplace=True', True))]
     for r in report['step']:
         assert all(_positive(v) for v in r['median_step_s'].values())
         assert _positive(r['median_mix_s'])
@@ -80,6 +82,10 @@ def test_quick_run_reports_every_part(tmp_path, capsys, keep_threads):
         assert len(r['step_s']['with']) == len(r['step_s']['without']) == 2
         assert len(r['alternating_s']['plain']) == len(r['alternating_s']['mixed']) == 2
         assert math.isfinite(r['separate_runs_share']) and math.isfinite(r['null_share'])
+    for default, inplace in zip(report['step'][0::2], report['step'][1::2]):  # the runs without are shared
+        assert default['step_s']['without'] == inplace['step_s']['without']
+        assert default['alternating_s'] != inplace['alternating_s']
+    assert '| local | inplace=True |' in printed and '| global | default (copy) |' in printed
 
     # targets: every one listed; those this tiny run cannot measure say so
     assert [t['key'] for t in report['targets']] == list(bench.TARGETS)
