@@ -80,6 +80,10 @@ class CutMix(Algorithm):
             GPU); otherwise mix a copy, since a collated batch can alias the user's dataset
             (``DataLoader(batch_size=None)`` over numpy arrays, cached tensors). ``True``: the
             batch is yours to overwrite, always paste in place. ``False``: always mix a copy.
+        per_sample: give every sample its own λ ~ Beta(alpha, alpha) and box (locally, or over the
+            whole global batch in ``'global'``/``'node'`` mode), instead of one box and λ for the
+            batch; soft targets use each sample's own λ and ``cutmix/lambda`` logs the batch mean.
+            Not with ``interpolate_loss``.
 
     Raises:
         ValueError: on a bad ``alpha`` or ``mode``, or a ``process_group`` outside ``'global'`` mode.
@@ -104,6 +108,7 @@ class CutMix(Algorithm):
         process_group: ProcessGroup = None,
         wrap_train_metrics: bool = True,
         inplace: Optional[bool] = None,
+        per_sample: bool = False,
     ) -> None:
         self.alpha = F.validate_alpha(alpha)
         if mode not in MODES:
@@ -116,6 +121,12 @@ class CutMix(Algorithm):
             raise ValueError(f'num_classes must be a positive int or None, got num_classes={num_classes!r}')
         if inplace not in (None, True, False):
             raise TypeError(f'inplace must be None, True or False, got inplace={inplace!r}')
+        if per_sample and interpolate_loss:
+            raise ValueError(
+                'per_sample=True gives every sample its own λ, and interpolate_loss=True would need a per-sample loss '
+                '(reduction="none") that Composer models do not promise; use interpolate_loss=False, whose soft '
+                'targets carry each sample\'s λ, got per_sample=True with interpolate_loss=True',
+            )
         self.interpolate_loss = interpolate_loss
         self.uniform_sampling = uniform_sampling
         self.input_key, self.target_key = input_key, target_key
@@ -126,6 +137,7 @@ class CutMix(Algorithm):
         self.process_group = process_group
         self.wrap_train_metrics = wrap_train_metrics
         self.inplace = inplace
+        self.per_sample = per_sample
         self._run = self._new_run()
 
     # ------------------------------------------------------------------ events
@@ -205,6 +217,7 @@ class CutMix(Algorithm):
             alpha=self.alpha, uniform_sampling=self.uniform_sampling, exclude_self=self.exclude_self,
             num_classes=num_classes, mix_target=mix_target and not run.soft_targets_at_loss,
             inplace=self.inplace if self.inplace is not None else _is_fresh_copy(before, input),
+            per_sample=self.per_sample,
         )
         if self.mode == 'local':
             if isinstance(input, torch.Tensor) and input.ndim == 4 and input.shape[0] == 1 and not run.warned_single:
@@ -219,13 +232,14 @@ class CutMix(Algorithm):
         state.batch_set_item(key=self.input_key, value=result.input)
         state.batch_set_item(key=self.target_key, value=result.target)
         run.last = result
-        metrics = {'cutmix/lambda': result.label_lam}
+        metrics = {'cutmix/lambda': result.mean_label_lam}
         if self.mode != 'local':
             metrics['cutmix/cross_rank_fraction'] = result.cross_rank_fraction
         logger.log_metrics(metrics)
 
-    def _partner_targets(self, state: State, why: str) -> torch.Tensor:
-        """The partner targets of the samples of ``state.batch`` (a microbatch), found by the samples themselves."""
+    def _partner_targets(self, state: State, why: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows in the mixed batch of the samples of ``state.batch`` (a microbatch), found by the samples
+        themselves, and their partners' targets."""
         last = self._run.last
         if last is None:
             raise RuntimeError(f'CutMix {why} needs a batch mixed at Event.AFTER_DATALOADER, and none was')
@@ -239,7 +253,7 @@ class CutMix(Algorithm):
                 f'algorithms in reverse list order). Put CutMix before that algorithm in Trainer(algorithms=[...]) '
                 f'so that it runs first and CutMix mixes its result.',
             ) from e
-        return last.partner_target.index_select(0, rows.to(last.partner_target.device))
+        return rows, last.partner_target.index_select(0, rows.to(last.partner_target.device))
 
     def _soft_targets_from_outputs(self, state: State) -> None:
         last = self._run.last
@@ -251,8 +265,9 @@ class CutMix(Algorithm):
                 f'CutMix takes the class count of index targets from the model outputs (N, C) when no num_classes is '
                 f'known, got outputs {shape} for {target.shape[0]} targets; pass CutMix(num_classes=...)',
             )
-        partner = self._partner_targets(state, 'building soft targets from the outputs')
-        soft = F.mix_targets(target, partner, last.lam, last.box, kind='index', num_classes=outputs.shape[1])  # type: ignore[union-attr]
+        rows, partner = self._partner_targets(state, 'building soft targets from the outputs')
+        lam = last.lam[rows.cpu()] if isinstance(last.lam, torch.Tensor) else last.lam  # type: ignore[union-attr]
+        soft = F.mix_targets(target, partner, lam, (0, 0, 0, 0), kind='index', num_classes=outputs.shape[1])
         state.batch_set_item(key=self.target_key, value=soft)
 
     def _interpolate_loss(self, state: State) -> None:
@@ -261,7 +276,7 @@ class CutMix(Algorithm):
             return  # the target map was pasted: the loss is already exact
         if not isinstance(state.loss, torch.Tensor):
             raise RuntimeError(f'CutMix(interpolate_loss=True) needs one tensor loss, got {type(state.loss).__name__}')
-        partner = self._partner_targets(state, '(interpolate_loss=True)')
+        _, partner = self._partner_targets(state, '(interpolate_loss=True)')
         model = state.model
         loss_fn = getattr(model, 'loss', None) or getattr(model.module, 'loss')
         # The partner loss reads the user's own batch layout, with the target swapped through target_key.

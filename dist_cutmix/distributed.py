@@ -10,6 +10,7 @@ gathering the global batch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -22,6 +23,7 @@ __all__ = [
     'BatchMismatchError',
     'ExchangePlan',
     'agree_on_batch',
+    'exchange_ragged',
     'exchange_rows',
     'group_rank_and_size',
     'group_stream_key',
@@ -131,17 +133,22 @@ class ExchangePlan:
 
     Attributes:
         send_order: local indices of this rank's samples, in the order they are sent.
+        send_dest: global index of the destination of each sent row (ascending).
         send_counts: rows sent to each rank.
         recv_index: for each local sample, where its partner's row is among the received rows
             (which arrive grouped by source rank).
+        recv_order: the local samples in the order their partners' rows arrive (the inverse of
+            ``recv_index``).
         recv_counts: rows received from each rank.
         partners: global index of each local sample's partner (``perm`` restricted to this rank).
         offset: global index of this rank's first sample.
     """
 
     send_order: Tensor
+    send_dest: Tensor
     send_counts: list[int]
     recv_index: Tensor
+    recv_order: Tensor
     recv_counts: list[int]
     partners: Tensor
     offset: int
@@ -160,7 +167,8 @@ class ExchangePlan:
         # Receive: my destination g takes perm[g]; rows arrive grouped by source, ascending g.
         partners = perm[mine]
         src = owner(partners)
-        recv_index = torch.argsort(torch.argsort(src, stable=True))  # rank of each sample in arrival order
+        recv_order = torch.argsort(src, stable=True)
+        recv_index = torch.argsort(recv_order)  # rank of each sample in arrival order
         # Send: my sample s goes to destination inv[s]; sending in ascending destination order
         # groups rows by destination rank and matches each receiver's ascending-g order.
         inv = torch.empty_like(perm)
@@ -169,8 +177,10 @@ class ExchangePlan:
         send_order = torch.argsort(dst)
         return cls(
             send_order=send_order,
+            send_dest=dst[send_order],
             send_counts=torch.bincount(owner(dst), minlength=world).tolist(),
             recv_index=recv_index,
+            recv_order=recv_order,
             recv_counts=torch.bincount(src, minlength=world).tolist(),
             partners=partners,
             offset=offset,
@@ -221,3 +231,50 @@ def _in_local_order(received: Tensor, plan: ExchangePlan) -> Tensor:
     # A row-wise gather (index_select), not ``out[arrival_order] = received``: advanced-index
     # assignment runs an element-wise kernel, many times slower on a byte buffer.
     return received.index_select(0, plan.recv_index.to(received.device))
+
+
+def exchange_ragged(
+    payloads: Sequence[Tensor], send_numel: Sequence[Sequence[int]], recv_numel: Sequence[Sequence[int]],
+    group: ProcessGroup,
+) -> list[Tensor]:
+    """Send 1-D payloads whose rows differ in size (per-sample crops); return what arrives, per payload.
+
+    Args:
+        payloads: 1-D tensors, each already grouped by destination rank (ascending).
+        send_numel: for each payload, how many of its elements go to each rank.
+        recv_numel: for each payload, how many elements arrive from each rank (every rank knows,
+            from the draws alone, the size of every crop it will receive).
+        group: the process group.
+
+    Returns:
+        For each payload, the received elements grouped by source rank (ascending), as a fresh 1-D
+        tensor of the payload's dtype.
+
+    All payloads travel as bytes in one ``all_to_all_single``: for each destination, payload 0's
+    elements for it, then payload 1's, and so on. No collective for a group of one.
+    """
+    world = len(send_numel[0])
+    if world == 1:
+        return [p.clone() for p in payloads]
+    sizes = [p.element_size() for p in payloads]
+    raw = [p.contiguous().view(torch.uint8) for p in payloads]
+    starts = [[0] + list(itertools.accumulate(b * size for b in counts)) for counts, size in zip(send_numel, sizes)]
+    segments, send_bytes = [], []
+    for d in range(world):
+        parts = [r[s[d]:s[d + 1]] for r, s in zip(raw, starts)]
+        send_bytes.append(sum(len(q) for q in parts))
+        segments += [q for q in parts if len(q)]
+    device = raw[0].device
+    send = torch.cat(segments) if segments else torch.empty(0, dtype=torch.uint8, device=device)
+    recv_bytes = [sum(counts[r] * size for counts, size in zip(recv_numel, sizes)) for r in range(world)]
+    received = send.new_empty(sum(recv_bytes))
+    dist.all_to_all_single(received, send, output_split_sizes=recv_bytes, input_split_sizes=send_bytes, group=group)
+    pieces: list[list[Tensor]] = [[] for _ in payloads]
+    offset = 0
+    for r in range(world):
+        for k, (counts, size) in enumerate(zip(recv_numel, sizes)):
+            n = counts[r] * size
+            pieces[k].append(received[offset:offset + n])
+            offset += n
+    # A fresh buffer per payload: a byte slice's offset may not suit a view as the wider dtype.
+    return [torch.cat(piece).view(p.dtype) if piece else p.new_empty(0) for piece, p in zip(pieces, payloads)]

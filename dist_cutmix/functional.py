@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -21,14 +21,22 @@ from torch import Tensor
 __all__ = [
     'Box',
     'CutMixParams',
+    'PerSampleParams',
     'apply_cutmix',
+    'apply_cutmix_per_sample',
+    'boxes_lambda',
+    'gather_box_pixels',
+    'paste_box_pixels',
+    'sample_params_per_sample',
     'box_from_composer',
     'box_lambda',
     'box_to_composer',
+    'check_labels',
     'cutmix_batch',
     'gather_crops',
     'label_lambda',
     'mix_targets',
+    'mix_targets_per_sample',
     'paste_crops',
     'sample_box',
     'sample_lambda',
@@ -42,6 +50,9 @@ __all__ = [
 
 Box = tuple[int, int, int, int]
 """``(y0, y1, x0, x1)``: rows ``y0:y1`` (dim -2) and columns ``x0:x1`` (dim -1)."""
+
+LamLike = Union[float, Tensor]
+"""One λ for the batch (a float), or one per sample (a ``(N,)`` tensor)."""
 
 LABEL_LAMBDA_BITS = 10
 """Label weights are multiples of ``2**-LABEL_LAMBDA_BITS`` (see :func:`label_lambda`)."""
@@ -175,7 +186,7 @@ def box_lambda(box: Box, height: int, width: int) -> float:
     return 1.0 - (max(y1 - y0, 0) * max(x1 - x0, 0)) / (height * width)
 
 
-def label_lambda(lam: float) -> float:
+def label_lambda(lam: LamLike) -> LamLike:
     """The weight of a sample's own label: λ rounded to the nearest multiple of ``2**-10``.
 
     The pixel share λ is ``1 - area / (H * W)``, rarely a short binary fraction, and
@@ -187,6 +198,8 @@ def label_lambda(lam: float) -> float:
     share by at most ``2**-11``.
     """
     scale = 1 << LABEL_LAMBDA_BITS
+    if isinstance(lam, Tensor):  # per-sample λ: the same rounding (half to even, as Python's round)
+        return torch.round(lam * scale) / scale
     return round(lam * scale) / scale
 
 
@@ -297,7 +310,7 @@ def gather_crops(tensor: Tensor, indices: Tensor, box: Box) -> Tensor:
     come back channels_last and pasting them is a plain copy rather than a transpose.
     """
     y0, y1, x0, x1 = box
-    indices = indices.to(tensor.device)
+    indices = indices.to(tensor.device, non_blocking=True)  # from pageable memory: no host sync, still safe
     if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
         return torch.index_select(tensor.permute(0, 2, 3, 1)[:, y0:y1, x0:x1], 0, indices).permute(0, 3, 1, 2)
     return torch.index_select(tensor[..., y0:y1, x0:x1], 0, indices)
@@ -331,6 +344,7 @@ def mix_targets(
     *,
     kind: str,
     num_classes: Optional[int] = None,
+    validate: bool = True,
 ) -> Tensor:
     """Mix each target with its partner's.
 
@@ -342,6 +356,8 @@ def mix_targets(
         box: the pasted box.
         kind: ``'index'``, ``'binary'``, ``'soft'`` or ``'dense'`` (see :func:`target_kind`).
         num_classes: number of classes, required for index targets.
+        validate: check that index targets lie in ``[0, num_classes)`` (a device sync on CUDA);
+            ``False`` where the caller has checked them already.
 
     Returns:
         Dense targets with the partner box pasted; otherwise ``l * own + (1 - l) * partner`` with
@@ -359,6 +375,8 @@ def mix_targets(
     if kind == 'index':
         if num_classes is None:
             raise ValueError('num_classes is required to mix index targets, got num_classes=None')
+        if validate:
+            check_labels(torch.cat([target.reshape(-1), partner.reshape(-1)]), num_classes)
         own = _one_hot(target, num_classes)
         other = _one_hot(partner, num_classes)
     else:
@@ -366,17 +384,205 @@ def mix_targets(
         if not own.is_floating_point():
             own, other = own.float(), other.float()
     weight = label_lambda(lam)
+    if isinstance(weight, Tensor):  # one weight per sample, broadcast over the class axis
+        weight = weight.to(own.device, own.dtype).reshape(-1, *([1] * (own.ndim - 1)))
     return own * weight + other * (1.0 - weight)
 
 
+def check_labels(labels: Tensor, num_classes: int) -> None:
+    """Raise unless every index label lies in ``[0, num_classes)``; one device sync at most."""
+    if labels.numel():
+        low, high = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f'index targets must lie in [0, num_classes={num_classes}), got values in [{low}, {high}]',
+            )
+
+
+
 def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(
-            f'index targets must lie in [0, num_classes={num_classes}), '
-            f'got values in [{int(labels.min())}, {int(labels.max())}]',
-        )
     out = torch.zeros(labels.shape[0], num_classes, dtype=torch.float32, device=labels.device)
     return out.scatter_(1, labels.long().unsqueeze(1), 1.0)
+
+
+# ----------------------------------------------------------------------------- per-sample boxes
+
+
+@dataclass(frozen=True)
+class PerSampleParams:
+    """Per-sample CutMix of a batch: every sample its own box and λ.
+
+    Attributes:
+        boxes: ``(N, 4)`` int64 ``(y0, y1, x0, x1)`` per sample, clipped to the image.
+        lam: ``(N,)`` float64, each sample's exact kept pixel share ``1 - area_i / (H * W)``.
+        indices: ``indices[i]`` is the partner whose pixels inside ``boxes[i]`` sample ``i`` receives.
+    """
+
+    boxes: Tensor
+    lam: Tensor
+    indices: Tensor
+
+
+def boxes_lambda(boxes: Tensor, height: int, width: int) -> Tensor:
+    """Each box's exact kept share ``1 - area / (height * width)`` as float64."""
+    y0, y1, x0, x1 = boxes.unbind(-1)
+    area = (y1 - y0).clamp(min=0) * (x1 - x0).clamp(min=0)
+    return 1.0 - area.to(torch.float64) / max(height * width, 1)
+
+
+def sample_params_per_sample(
+    n: int,
+    height: int,
+    width: int,
+    *,
+    alpha: float = 1.0,
+    uniform_sampling: bool = False,
+    exclude_self: bool = True,
+    generator: torch.Generator,
+) -> PerSampleParams:
+    """Sample partners, and for every sample its own λ ~ Beta(alpha, alpha) and box.
+
+    Each box follows the distribution of :func:`sample_box` for its own λ (sides
+    ``2 * (int(H * sqrt(1 - λ)) // 2)``, centre uniform on the image or, with ``uniform_sampling``,
+    on the enlarged range), drawn for all samples at once. The draws depend only on ``generator``
+    and ``n``: in global mode every rank draws the whole global batch's boxes identically.
+    """
+    alpha = validate_alpha(alpha)
+    indices = sample_partners(n, exclude_self=exclude_self, generator=generator)
+    if alpha == 0:
+        nominal = torch.ones(n, dtype=torch.float64)
+    else:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        nominal = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=n))
+    ratio = torch.sqrt(1.0 - nominal)
+    cut_h, cut_w = (height * ratio).long(), (width * ratio).long()  # int() of a non-negative float: floor
+    if uniform_sampling:
+        low_y, high_y = torch.div(-cut_h, 2, rounding_mode='floor'), height + cut_h // 2
+        low_x, high_x = torch.div(-cut_w, 2, rounding_mode='floor'), width + cut_w // 2
+    else:
+        low_y, high_y = torch.zeros_like(cut_h), torch.full_like(cut_h, height)
+        low_x, high_x = torch.zeros_like(cut_w), torch.full_like(cut_w, width)
+    u = torch.rand(2, n, dtype=torch.float64, generator=generator)
+    cy = low_y + (u[0] * (high_y - low_y)).long()
+    cx = low_x + (u[1] * (high_x - low_x)).long()
+    boxes = torch.stack([
+        (cy - cut_h // 2).clamp(0, height), (cy + cut_h // 2).clamp(0, height),
+        (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width),
+    ], dim=1)
+    return PerSampleParams(boxes=boxes, lam=boxes_lambda(boxes, height, width), indices=indices)
+
+
+# A sample of at most this many elements is mixed by masks over the whole batch; a larger one by a
+# copy per sample. Measured on CPU (1 thread): masks win at 256x3x32x32 (1.3 ms against 5.2 ms),
+# per-sample copies at 64x3x128x128 (2.7 against 5.2 ms) and 64x3x224x224 (5.0 against 44 ms).
+# On CUDA masks always: a copy per sample is a kernel launch per sample.
+_MASK_MAX_SAMPLE_NUMEL = 8192
+
+
+def _use_masks(tensor: Tensor) -> bool:
+    return tensor.is_cuda or tensor[0:1].numel() <= _MASK_MAX_SAMPLE_NUMEL
+
+
+def _box_masks(boxes: Tensor, height: int, width: int, device: torch.device) -> Tensor:
+    """``(K, 1, H, W)`` bool: True inside each box."""
+    boxes = boxes.to(device, non_blocking=True)
+    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+    inside_y = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])
+    inside_x = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])
+    return (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
+
+
+def _as_4d(tensor: Tensor) -> Tensor:
+    """``(N, ..., H, W)`` as ``(N, K, H, W)`` (a view where the layout allows)."""
+    return tensor.reshape(tensor.shape[0], -1, *tensor.shape[-2:]) if tensor.ndim != 4 else tensor
+
+
+def gather_box_pixels(tensor: Tensor, rows: Tensor, boxes: Tensor) -> Tensor:
+    """Row ``rows[k]``'s pixels inside ``boxes[k]``, for every ``k``, end to end as one 1-D tensor.
+
+    Each crop is laid out ``(..., h_k, w_k)`` in logical (row-major) order, whatever the memory
+    format. Only the boxes are read (or, with masks, the selected rows).
+    """
+    x = _as_4d(tensor)
+    if len(rows) == 0:
+        return x.new_empty(0)
+    if _use_masks(x):
+        selected = x.index_select(0, rows.to(x.device))
+        return selected.masked_select(_box_masks(boxes, x.shape[-2], x.shape[-1], x.device))
+    parts = [x[j, :, y0:y1, x0:x1].reshape(-1) for j, (y0, y1, x0, x1) in zip(rows.tolist(), boxes.tolist())]
+    return torch.cat(parts)
+
+
+def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor) -> Tensor:
+    """Write ``pixels`` (as :func:`gather_box_pixels` lays them out) into ``boxes[k]`` of row ``rows[k]``, in place."""
+    x = _as_4d(tensor)
+    if len(rows) == 0 or pixels.numel() == 0:
+        return tensor
+    if _use_masks(x):
+        rows = rows.to(x.device)
+        region = x.index_select(0, rows)
+        region.masked_scatter_(_box_masks(boxes, x.shape[-2], x.shape[-1], x.device), pixels)
+        x.index_copy_(0, rows, region)
+        return tensor
+    areas = ((boxes[:, 1] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 2]).clamp(min=0) * x.shape[1]).tolist()
+    for i, (y0, y1, x0, x1), crop in zip(rows.tolist(), boxes.tolist(), pixels.split(areas)):
+        if crop.numel():
+            x[i, :, y0:y1, x0:x1] = crop.view(x.shape[1], y1 - y0, x1 - x0)
+    return tensor
+
+
+def apply_cutmix_per_sample(input: Tensor, params: PerSampleParams, *, inplace: bool = False) -> Tensor:
+    """Paste into each sample its partner's pixels inside the sample's own box.
+
+    All crops are read before any is written, so a partner's pixels are its own, unmixed ones
+    (as in batch mode). dtype and memory format are kept. On CUDA (and for small images) one
+    masked blend over the batch, with no host sync; on CPU for larger images a copy per sample.
+    """
+    if input.shape[0] == 0:
+        return input if inplace else input.clone()
+    if _use_masks(input):
+        return _blend_boxes(input, params.indices, params.boxes, input if inplace else None)
+    out = input if inplace else input.clone()
+    pixels = gather_box_pixels(input, params.indices, params.boxes)
+    return paste_box_pixels(out, torch.arange(input.shape[0]), pixels, params.boxes)
+
+
+def _blend_boxes(tensor: Tensor, indices: Tensor, boxes: Tensor, out: Optional[Tensor]) -> Tensor:
+    """``where(inside box i, tensor[indices[i]], tensor[i])`` for every row, into ``out`` (may be ``tensor``)."""
+    x = _as_4d(tensor)
+    partners = x.index_select(0, indices.to(x.device, non_blocking=True))
+    mask = _box_masks(boxes, x.shape[-2], x.shape[-1], x.device)
+    if out is None:
+        out = torch.empty_like(tensor)  # preserve_format: a channels_last batch stays channels_last
+    torch.where(mask, partners, x, out=_as_4d(out))
+    return out
+
+
+def mix_targets_per_sample(
+    target: Tensor,
+    partner: Tensor,
+    lam: Tensor,
+    boxes: Tensor,
+    *,
+    kind: str,
+    num_classes: Optional[int] = None,
+    validate: bool = True,
+) -> Tensor:
+    """:func:`mix_targets` with one λ and box per sample.
+
+    For dense targets ``partner`` is the partners' full maps, or the pixels inside each sample's
+    box already gathered (1-D, as :func:`gather_box_pixels` lays them out); they are pasted into a
+    copy of ``target``. Other kinds mix with each sample's label weight ``label_lambda(lam[i])``.
+    """
+    if kind != 'dense':
+        return mix_targets(target, partner, lam, (0, 0, 0, 0), kind=kind, num_classes=num_classes, validate=validate)
+    rows = torch.arange(target.shape[0])
+    if partner.ndim == 1:
+        return paste_box_pixels(target.clone(), rows, partner, boxes)
+    if _use_masks(_as_4d(target)):
+        mask = _box_masks(boxes, target.shape[-2], target.shape[-1], target.device)
+        return torch.where(mask, _as_4d(partner), _as_4d(target)).reshape(target.shape)
+    return paste_box_pixels(target.clone(), rows, gather_box_pixels(partner, rows, boxes), boxes)
 
 
 # ----------------------------------------------------------------------------- drop-in API

@@ -4,8 +4,9 @@ This is the logic behind the ``CutMix`` algorithm, callable without Composer.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ from dist_cutmix.distributed import (
     BatchMismatchError,
     ProcessGroup,
     agree_on_batch,
+    exchange_ragged,
     exchange_rows,
     group_rank_and_size,
     group_stream_key,
@@ -33,9 +35,11 @@ class MixResult:
         input: mixed images.
         target: mixed targets (soft for index/soft targets, pasted for dense); the original
             targets when ``mix_target=False`` was asked for.
-        partner_target: each sample's partner's target (crops for dense targets).
-        lam: share of each image that stayed its own (the exact pixel share).
-        box: ``(y0, y1, x0, x1)``.
+        partner_target: each sample's partner's target (crops for dense targets; with
+            ``per_sample=True`` the pixels inside each box, 1-D, in arrival order).
+        lam: share of each image that stayed its own (the exact pixel share); with
+            ``per_sample=True`` a ``(N,)`` float64 tensor, one per sample of this rank.
+        box: ``(y0, y1, x0, x1)``; with ``per_sample=True`` a ``(N, 4)`` tensor of this rank's boxes.
         partner_rank: group rank holding each sample's partner.
         partner_index: the partner's index in that rank's batch.
         cross_rank_fraction: share of the whole (group) batch whose partner is on another rank.
@@ -46,8 +50,8 @@ class MixResult:
     input: Tensor
     target: Tensor
     partner_target: Tensor
-    lam: float
-    box: F.Box
+    lam: F.LamLike
+    box: Union[F.Box, Tensor]
     partner_rank: Tensor
     partner_index: Tensor
     cross_rank_fraction: float = 0.0
@@ -55,9 +59,15 @@ class MixResult:
     kind: str = 'index'
 
     @property
-    def label_lam(self) -> float:
+    def label_lam(self) -> F.LamLike:
         """The weight of each sample's own label and loss: ``lam`` rounded to a multiple of ``2**-10``."""
         return F.label_lambda(self.lam)
+
+    @property
+    def mean_label_lam(self) -> float:
+        """``label_lam``, averaged over the samples when there is one per sample (what is logged)."""
+        lam = self.label_lam
+        return float(lam.mean()) if isinstance(lam, Tensor) and lam.numel() else (1.0 if isinstance(lam, Tensor) else lam)
 
 
 def _kind_and_problem(
@@ -70,11 +80,7 @@ def _kind_and_problem(
         if kind == 'index' and mix_target:
             if num_classes is None:
                 raise ValueError('num_classes is required to mix index targets, got num_classes=None')
-            if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):  # type: ignore[union-attr]
-                raise ValueError(
-                    f'index targets must lie in [0, num_classes={num_classes}), got values in '
-                    f'[{int(target.min())}, {int(target.max())}]',  # type: ignore[union-attr]
-                )
+            F.check_labels(target, num_classes)  # type: ignore[arg-type]
         return kind, None
     except (TypeError, ValueError) as e:
         return None, e
@@ -93,8 +99,12 @@ def mix_batch_local(
     num_classes: Optional[int] = None,
     mix_target: bool = True,
     inplace: bool = False,
+    per_sample: bool = False,
 ) -> MixResult:
     """Mix this rank's batch with itself, drawing from ``(seed, batch, 'local', rank)``.
+
+    With ``per_sample=True`` every sample gets its own λ and box
+    (:func:`~dist_cutmix.functional.sample_params_per_sample`).
 
     Raises:
         TypeError, ValueError: on malformed input or targets, naming the argument and value.
@@ -103,6 +113,10 @@ def mix_batch_local(
     if problem is not None:
         raise problem
     n, _, h, w = input.shape
+    if per_sample:
+        return _mix_local_per_sample(input, target, kind, seed=seed, batch=batch, rank=rank, alpha=alpha,
+                                     uniform_sampling=uniform_sampling, exclude_self=exclude_self,
+                                     num_classes=num_classes, mix_target=mix_target, inplace=inplace)
     params = F.sample_params(
         n, h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
         generator=batch_generator(seed, batch, 'local', rank),
@@ -110,11 +124,33 @@ def mix_batch_local(
     if n < 2:  # nothing to mix with: leave the batch as it is
         params = F.CutMixParams(box=(0, 0, 0, 0), lam=1.0, indices=params.indices)
     mixed = F.apply_cutmix(input, params, inplace=inplace)
-    partner_target = target[params.indices.to(target.device)]
-    mixed_target = F.mix_targets(target, partner_target, params.lam, params.box, kind=kind, num_classes=num_classes) \
+    partner_target = target[params.indices.to(target.device, non_blocking=True)]
+    mixed_target = F.mix_targets(target, partner_target, params.lam, params.box, kind=kind, num_classes=num_classes,
+                                 validate=False) \
         if mix_target else target
     return MixResult(
         input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=params.box,
+        partner_rank=torch.full((n,), rank), partner_index=params.indices, kind=kind,
+    )
+
+
+def _mix_local_per_sample(input: Tensor, target: Tensor, kind: str, *, seed: int, batch: int, rank: int,
+                          alpha: float, uniform_sampling: bool, exclude_self: bool, num_classes: Optional[int],
+                          mix_target: bool, inplace: bool) -> MixResult:
+    n, _, h, w = input.shape
+    params = F.sample_params_per_sample(
+        n, h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
+        generator=batch_generator(seed, batch, 'local', rank),
+    )
+    if n < 2:  # nothing to mix with: leave the batch as it is
+        params = F.PerSampleParams(boxes=torch.zeros_like(params.boxes), lam=torch.ones_like(params.lam),
+                                   indices=params.indices)
+    mixed = F.apply_cutmix_per_sample(input, params, inplace=inplace)
+    partner_target = target[params.indices.to(target.device, non_blocking=True)]
+    mixed_target = F.mix_targets_per_sample(target, partner_target, params.lam, params.boxes, kind=kind,
+                                            num_classes=num_classes, validate=False) if mix_target else target
+    return MixResult(
+        input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=params.boxes,
         partner_rank=torch.full((n,), rank), partner_index=params.indices, kind=kind,
     )
 
@@ -140,13 +176,16 @@ def mix_batch_across_group(
     num_classes: Optional[int] = None,
     mix_target: bool = True,
     inplace: bool = False,
+    per_sample: bool = False,
 ) -> MixResult:
     """Mix over the group's global batch (the ranks' batches end to end, in group-rank order).
 
     Box, λ and permutation come from ``(seed, batch, group name)``: identical on every rank with
     no broadcast. Only the box crops (and the partners' targets) cross ranks, each once. With a
     group of one (or no process group) no collective runs and the result is the same as in one
-    process on the concatenated batch.
+    process on the concatenated batch. With ``per_sample=True`` every sample of the global batch
+    gets its own λ and box, drawn identically on every rank; each crop is cut with its
+    destination's box, and crops of all sizes travel in the same one ``all_to_all_single``.
 
     Raises:
         BatchMismatchError: on every rank, if any rank's input is malformed or ranks disagree
@@ -169,10 +208,10 @@ def mix_batch_across_group(
         except BatchMismatchError as mismatch:
             raise mismatch from problem
     n, _, h, w = input.shape
-    params = F.sample_params(
-        sum(sizes), h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
-        generator=batch_generator(seed, batch, *group_stream_key(group)),
-    )
+    generator = batch_generator(seed, batch, *group_stream_key(group))
+    draw = F.sample_params_per_sample if per_sample else F.sample_params
+    params = draw(sum(sizes), h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
+                  generator=generator)
     plan = ExchangePlan.build(params.indices, sizes, rank)
     bounds = torch.tensor(sizes).cumsum(0)
     partner_rank = torch.searchsorted(bounds, plan.partners, right=True)
@@ -180,10 +219,14 @@ def mix_batch_across_group(
     owners = torch.searchsorted(bounds, params.indices, right=True)
     self_owner = torch.searchsorted(bounds, torch.arange(sum(sizes)), right=True)
     cross = float((owners != self_owner).float().mean()) if sum(sizes) else 0.0
+    if isinstance(params, F.PerSampleParams):
+        return _mix_group_per_sample(input, target, kind, params, plan, rank, group, num_classes=num_classes,
+                                     mix_target=mix_target, inplace=inplace, partner_rank=partner_rank,
+                                     partner_index=partner_index, cross=cross)
 
     box = params.box
     send_target = F.gather_crops(target, plan.send_order, box) if kind == 'dense' \
-        else target[plan.send_order.to(target.device)]
+        else target[plan.send_order.to(target.device, non_blocking=True)]
     send = [send_target]
     move_crops = params.lam < 1.0 and sum(sizes) > 0
     if move_crops:
@@ -197,10 +240,63 @@ def mix_batch_across_group(
     else:
         mixed = input if inplace else input.clone()
 
-    mixed_target = F.mix_targets(target, partner_target, params.lam, box, kind=kind, num_classes=num_classes) \
+    mixed_target = F.mix_targets(target, partner_target, params.lam, box, kind=kind, num_classes=num_classes,
+                                 validate=False) \
         if mix_target else target
     return MixResult(
         input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=box,
         partner_rank=partner_rank, partner_index=partner_index,
         cross_rank_fraction=cross, bytes_sent=bytes_sent, kind=kind,
+    )
+
+
+def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.PerSampleParams, plan: ExchangePlan,
+                          rank: int, group: ProcessGroup, *, num_classes: Optional[int], mix_target: bool,
+                          inplace: bool, partner_rank: Tensor, partner_index: Tensor, cross: float) -> MixResult:
+    """Global per-sample mixing: each crop is cut with its destination's box and crosses ranks once."""
+    n = input.shape[0]
+    world = len(plan.send_counts)
+    mine = slice(plan.offset, plan.offset + n)
+    boxes, lam = params.boxes[mine], params.lam[mine]
+    send_boxes = params.boxes[plan.send_dest]
+    dense = kind == 'dense'
+    t4 = F._as_4d(target) if dense else target
+    pixels = F.gather_box_pixels(input, plan.send_order, send_boxes)
+    labels = F.gather_box_pixels(target, plan.send_order, send_boxes) if dense \
+        else target.index_select(0, plan.send_order.to(target.device)).reshape(-1)
+
+    def numel_by_rank(rows_boxes: Tensor, ranks: Tensor, per_pixel: int) -> list[int]:
+        """Elements each rank's rows take: every row's box area times the elements per pixel."""
+        area = (rows_boxes[:, 1] - rows_boxes[:, 0]).clamp(min=0) * (rows_boxes[:, 3] - rows_boxes[:, 2]).clamp(min=0)
+        return torch.bincount(ranks, weights=(area * per_pixel).double(), minlength=world).long().tolist()
+
+    # sent rows are grouped by destination rank; received rows arrive grouped by source rank
+    dest_rank = torch.repeat_interleave(torch.arange(world), torch.tensor(plan.send_counts))
+    src_rank = partner_rank[plan.recv_order]
+    arrival_boxes = boxes[plan.recv_order]
+    label_width = math.prod(target.shape[1:])
+    send_numel = [numel_by_rank(send_boxes, dest_rank, input.shape[1]),
+                  numel_by_rank(send_boxes, dest_rank, t4.shape[1]) if dense
+                  else [c * label_width for c in plan.send_counts]]
+    recv_numel = [numel_by_rank(arrival_boxes, src_rank, input.shape[1]),
+                  numel_by_rank(arrival_boxes, src_rank, t4.shape[1]) if dense
+                  else [c * label_width for c in plan.recv_counts]]
+    got_pixels, got_labels = exchange_ragged([pixels, labels], send_numel, recv_numel, group)
+    bytes_sent = sum(send_numel[0][d] * input.element_size() + send_numel[1][d] * target.element_size()
+                     for d in range(world) if d != rank)
+
+    mixed = input if inplace else input.clone()
+    F.paste_box_pixels(mixed, plan.recv_order, got_pixels, arrival_boxes)
+    if dense:
+        partner_target = got_labels
+        mixed_target = F.paste_box_pixels(target.clone(), plan.recv_order, got_labels, arrival_boxes)
+    else:
+        arrived = got_labels.reshape(len(plan.recv_order), *target.shape[1:])
+        partner_target = arrived.index_select(0, plan.recv_index.to(arrived.device))
+        mixed_target = F.mix_targets_per_sample(target, partner_target, lam, boxes, kind=kind,
+                                                num_classes=num_classes, validate=False) if mix_target else target
+    return MixResult(
+        input=mixed, target=mixed_target, partner_target=partner_target, lam=lam, box=boxes,
+        partner_rank=partner_rank, partner_index=partner_index, cross_rank_fraction=cross, bytes_sent=bytes_sent,
+        kind=kind,
     )
