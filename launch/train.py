@@ -8,6 +8,7 @@ Run it as it is, or under Composer's launcher::
     python launch/train.py                               # one process (GPU when present, else CPU)
     composer -n 2 launch/train.py --mode global          # 2 ranks on this node (gloo on CPU, NCCL on GPU)
     composer -n 2 launch/train.py --mode global --fsdp   # the same, sharded with FSDP2
+    python launch/train.py --per-sample                  # a λ and a box per sample, not per batch
     python launch/train.py --duration 1ep --save-folder runs/a
     python launch/train.py --duration 2ep --resume runs/a/latest-rank0.pt
 
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--mode', choices=MODES, default='global',
                    help="CutMix mixing: 'none' (no CutMix), within each rank, across all ranks, or across a node's ranks")
     p.add_argument('--alpha', type=float, default=1.0, help='Beta(alpha, alpha) concentration of the kept share')
+    p.add_argument('--per-sample', action='store_true',
+                   help='give every sample its own λ and box (CutMix(per_sample=True)) instead of one per batch')
     p.add_argument('--batch-size', type=int, default=32, help='samples per rank per step')
     p.add_argument('--duration', default='10ep', help="Composer time string: '6ep', '300ba', '20000sp'")
     p.add_argument('--lr', type=float, default=None,
@@ -276,7 +279,7 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None) -> dict[st
     global_batch = args.batch_size * world_size
     lr = args.lr if args.lr is not None else 0.1 * global_batch / 32
     optimizer = DecoupledSGDW(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
-    algorithms = [] if args.mode == 'none' else [CutMix(alpha=args.alpha, mode=args.mode)]
+    algorithms = [] if args.mode == 'none' else [CutMix(alpha=args.alpha, mode=args.mode, per_sample=args.per_sample)]
     parallelism = None
     if args.fsdp:
         from composer.utils.parallelism import FSDP2Config
@@ -318,7 +321,7 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None) -> dict[st
             # Share of samples whose pasted crop came from another rank (global and node modes).
             'cutmix_cross_rank_fraction_mean': _mean(history.data, 'cutmix/cross_rank_fraction'),
             'eval_curve': [{'epoch': e, 'batch': b, 'accuracy': a} for e, b, a in eval_curve],
-            'mode': args.mode, 'alpha': args.alpha, 'fsdp': args.fsdp, 'device': device,
+            'mode': args.mode, 'alpha': args.alpha, 'per_sample': args.per_sample, 'fsdp': args.fsdp, 'device': device,
             'world_size': world_size, 'threads_per_rank': threads,
             'batch_size_per_rank': args.batch_size, 'global_batch_size': global_batch, 'lr': lr,
             'seed': args.seed, 'duration': args.duration,
@@ -336,7 +339,8 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None) -> dict[st
         print(
             f"[launch/train] eval accuracy {eval_acc if eval_acc is None else f'{eval_acc:.4f}'} | "
             f"train soft accuracy {summary['train_soft_accuracy'] or float('nan'):.4f} | "
-            f"wall {summary['wall_s']:.1f} s | mode {args.mode} | world size {world_size}"
+            f"wall {summary['wall_s']:.1f} s | mode {args.mode}{' (per-sample)' if args.per_sample else ''} | "
+            f"world size {world_size}"
             f"{' | fsdp2' if args.fsdp else ''} | {device} | {summary['samples_seen']} samples, "
             f"{summary['batches']} batches of {global_batch}",
             flush=True,

@@ -68,6 +68,24 @@ def test_single_process_cli_trains_logs_and_writes_a_summary(tmp_path):
     assert len(line) == 1 and 'eval accuracy' in line[0] and 'mode local' in line[0] and 'world size 1' in line[0]
 
 
+def test_per_sample_flag_reaches_cutmix_and_the_summary(tmp_path):
+    out = tmp_path / 'summary.json'
+    proc = _run([PYTHON, 'launch/train.py', *TINY, '--duration', '2ba', '--mode', 'local', '--per-sample',
+                 '--json', str(out)])
+    summary = json.loads(out.read_text())
+    _check_summary(summary, world_size=1, batches=2)
+    assert summary['per_sample'] is True
+    # The logged λ is the mean of 8 per-sample label weights, each a multiple of 2**-10.
+    assert 0.0 < summary['cutmix_lambda_mean'] < 1.0
+    assert 'mode local (per-sample)' in proc.stdout
+
+
+def test_per_sample_is_off_by_default():
+    from launch.train import parse_args
+
+    assert parse_args([]).per_sample is False and parse_args(['--per-sample']).per_sample is True
+
+
 @pytest.mark.skipif(COMPOSER is None, reason='the composer launcher is not installed')
 def test_two_ranks_under_the_real_composer_launcher(tmp_path):
     out = tmp_path / 'summary.json'
@@ -158,6 +176,30 @@ def test_visualize_captions_name_the_crop_each_image_received(tmp_path):
     assert any(int(r) != rec['rank'] for rec in records for r in rec['partner_rank'])
 
 
+def _mix_per_sample_for_picture(rank: int, world_size: int) -> dict:
+    from launch.visualize import mix_on_rank
+
+    return mix_on_rank(rank, world_size, 4, 3, 0, 1.0, per_sample=True)
+
+
+def test_visualize_per_sample_pastes_each_partner_crop_inside_its_own_box(tmp_path):
+    records = run_ranks(_mix_per_sample_for_picture, 2, tmp_path, deadline_s=60)
+    boxes = torch.cat([r['box'] for r in records])
+    assert boxes.shape == (8, 4) and all(r['lam'].shape == (4,) for r in records)
+    assert len({tuple(b.tolist()) for b in boxes}) > 1  # not one box for the batch
+    for rec in records:
+        for i in range(rec['mixed'].shape[0]):
+            y0, y1, x0, x1 = (int(v) for v in rec['box'][i])
+            p, j = int(rec['partner_rank'][i]), int(rec['partner_index'][i])
+            partner, own = records[p]['original'][j], rec['original'][i]
+            assert torch.equal(rec['mixed'][i, :, y0:y1, x0:x1], partner[:, y0:y1, x0:x1])
+            outside = torch.ones(28, 28, dtype=torch.bool)
+            outside[y0:y1, x0:x1] = False
+            assert torch.equal(rec['mixed'][i, 0][outside], own[0][outside])
+            assert float(rec['lam'][i]) == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 28 ** 2)
+    assert any(int(r) != rec['rank'] for rec in records for r in rec['partner_rank'])
+
+
 def test_visualize_cli_writes_a_decodable_png(tmp_path):
     from PIL import Image
 
@@ -171,6 +213,22 @@ def test_visualize_cli_writes_a_decodable_png(tmp_path):
         rgb = torch.tensor(list(img.convert('RGB').getdata()))
     red = (rgb[:, 0] > 200) & (rgb[:, 1] < 80) & (rgb[:, 2] < 80)
     assert int(red.sum()) > 20  # the boxes are outlined
+
+
+def test_visualize_cli_per_sample_writes_its_own_png(tmp_path):
+    from PIL import Image
+
+    from launch.visualize import OUT_PER_SAMPLE, build_parser, default_out
+
+    assert default_out(build_parser().parse_args(['--per-sample'])) == OUT_PER_SAMPLE
+    out = tmp_path / 'grid.png'
+    proc = _run([PYTHON, 'launch/visualize.py', '--per-sample', '--out', str(out), '--per-rank', '2', '--dpi', '40'])
+    assert 'per-sample λ from' in proc.stdout
+    with Image.open(out) as img:
+        assert img.format == 'PNG' and img.size == (184, 440)
+        rgb = torch.tensor(list(img.convert('RGB').getdata()))
+    red = (rgb[:, 0] > 200) & (rgb[:, 1] < 80) & (rgb[:, 2] < 80)
+    assert int(red.sum()) > 20
 
 
 # ----------------------------------------------------------------------------- experiment.py
