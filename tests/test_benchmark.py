@@ -166,3 +166,93 @@ def _launched_wrong_part(rank: int, world: int) -> str:
 def test_under_a_launcher_other_parts_are_refused(tmp_path):
     messages = run_ranks(_launched_wrong_part, 2, tmp_path, deadline_s=60)
     assert all('only --part exchange' in m for m in messages)
+
+
+# ---------------------------------------------------------------- launch/bench_memory.py
+
+
+def test_memory_on_cpu_measures_what_the_formula_says(tmp_path, capsys):
+    # N=4 samples of 3x8x8 float32 in microbatches of 2: B = 3,072 bytes, b = 1,536.
+    from launch import bench_memory
+
+    out = tmp_path / 'mem.json'
+    report = bench_memory.main(['--batch', '4x3x8x8', '--microbatch', '2', '--steps', '1', '--json', str(out)])
+    assert json.loads(out.read_text())['rows'] == report['rows']
+    rows = {r['variant']: r for r in report['rows']}
+    assert list(rows) == list(bench_memory.VARIANTS)
+    big_b = 4 * 3 * 8 * 8 * 4
+    # CPU: the loader's batch, Composer's deepcopy of a microbatch view (its whole storage), CutMix's copy
+    assert {v: (r['formula'], r['formula_bytes']) for v, r in rows.items()} == {
+        'without': ('2B', 2 * big_b), 'CutMix()': ('3B', 3 * big_b), 'CutMix(inplace=True)': ('2B', 2 * big_b),
+        'CutMix(inplace=False)': ('3B', 3 * big_b)}
+    for r in rows.values():
+        assert r['batch_bytes'] == big_b and r['microbatch_bytes'] == big_b // 2
+        assert r['input_bytes'] == r['formula_bytes'], r  # measured, storage by storage
+        assert r['added_bytes'] == r['added_formula_bytes']
+        assert r['microbatches_per_step'] == [2]  # the Trainer did split the batch
+        assert all(b == big_b // 2 for s in r['steps'] for b in s['microbatch_bytes'])
+        assert 'peak_bytes' not in r
+    assert rows['CutMix()']['added_bytes'] == big_b and rows['CutMix(inplace=True)']['added_bytes'] == 0
+    # between steps: the loader's batch (held by Composer's loop), and CutMix's copy where it made one
+    assert {v: r['between_steps_bytes'] for v, r in rows.items()} == {
+        'without': big_b, 'CutMix()': 2 * big_b, 'CutMix(inplace=True)': big_b, 'CutMix(inplace=False)': 2 * big_b}
+    printed = capsys.readouterr().out
+    assert '### Device memory with microbatching (cpu)' in printed and '| CutMix(inplace=True) | 0.00614 | 2B |' in printed
+
+
+def test_memory_counts_distinct_storages_of_input_shaped_tensors():
+    from launch.bench_memory import input_bytes_alive
+
+    shape = (3, 5, 7)  # no other live tensor in the test process has these trailing sizes
+    before = input_bytes_alive('cpu', shape, torch.float32)
+    batch = torch.zeros(6, *shape)
+    views = list(batch.split(2))  # views: the batch's storage, counted once
+    copy = views[0].clone()  # a copy: its own storage
+    other = torch.zeros(6, *shape, dtype=torch.float64)  # another dtype: not the batch
+    assert input_bytes_alive('cpu', shape, torch.float32) == (before[0] + batch.nbytes + copy.nbytes, before[1] + 2)
+    excluded = frozenset({batch.untyped_storage().data_ptr()})
+    assert input_bytes_alive('cpu', shape, torch.float32, excluded)[0] == before[0] + copy.nbytes
+    del views, other
+
+
+@pytest.mark.parametrize('argv', [['--microbatch', '0'], ['--batch', '4x3x8x8', '--microbatch', '5'],
+                                  ['--batch', '4x3x8x8,2x3x8x8'], ['--steps', '0'], ['--device', 'tpu']])
+def test_memory_bad_arguments_are_refused(argv):
+    from launch import bench_memory
+
+    with pytest.raises(SystemExit):
+        bench_memory._parse_args(argv)
+
+
+def test_memory_device_cuda_without_cuda_is_refused_clearly(monkeypatch, capsys):
+    from launch import bench_memory
+
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(RuntimeError, match='--device cuda: CUDA is not available'):
+        bench_memory.main(['--device', 'cuda', '--batch', '4x3x8x8', '--microbatch', '2'])
+    assert capsys.readouterr().out == ''  # refused before anything ran
+    with pytest.raises(RuntimeError, match='--device cuda'):
+        bench_memory.measure('cuda', (4, 3, 8, 8), 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: bench_memory --device cuda trains on a GPU (Trainer device='gpu') and reads "
+                           'torch.cuda.max_memory_allocated')
+def test_memory_on_cuda_measures_the_whole_batch_move(capsys):
+    from launch import bench_memory
+
+    report = bench_memory.main(['--device', 'cuda', '--batch', '64x3x64x64', '--microbatch', '8', '--steps', '2'])
+    rows = {r['variant']: r for r in report['rows']}
+    big_b, small_b = 64 * 3 * 64 * 64 * 4, 8 * 3 * 64 * 64 * 4
+    # one microbatch (and Composer's deepcopy of it) without CutMix; the whole batch moved with it
+    assert {v: r['formula_bytes'] for v, r in rows.items()} == {
+        'without': 2 * small_b, 'CutMix()': 2 * big_b, 'CutMix(inplace=True)': 2 * big_b,
+        'CutMix(inplace=False)': 2 * big_b}
+    for name, r in rows.items():
+        assert r['device'] == 'cuda' and r['input_bytes'] == r['formula_bytes'], r
+        assert r['microbatches_per_step'] == [8, 8]
+        assert r['peak_bytes'] >= r['input_bytes'] > 0
+        assert r['between_steps_bytes'] == (0 if name == 'without' else big_b)  # the last mixed batch stays
+        if name != 'without':  # the peak grows by at least what the loop holds (1 MiB for allocator slack)
+            assert r['peak_added_bytes'] >= 2 * (big_b - small_b) - 2**20
+    assert 'peak allocated per step (MB)' in capsys.readouterr().out
