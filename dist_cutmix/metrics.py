@@ -128,11 +128,15 @@ def _soft_target_accuracy_update(preds: Tensor, target: Tensor, top_k: int) -> t
     preds, target = _flatten_class_last(preds, target)
     # argmax for k = 1 breaks ties the way torchmetrics does (first maximum); topk may not.
     top = preds.argmax(dim=1, keepdim=True) if top_k == 1 else preds.topk(top_k, dim=1).indices
+    # Scores in float32 at least: under amp_bf16 the predictions are bfloat16, and a soft target
+    # rounded to bfloat16 would score a λ of 0.7 as 0.69921875.
+    dtype = torch.promote_types(preds.dtype, torch.float32)
     if target.ndim == 1:
-        scores = (top == target.unsqueeze(1)).any(dim=1).to(preds.dtype)
+        scores = (top == target.unsqueeze(1)).any(dim=1).to(dtype)
     else:
-        scores = target.to(preds.dtype).gather(1, top).sum(dim=1)
-    count = torch.tensor(preds.shape[0], dtype=torch.long, device=preds.device)
+        scores = target.to(dtype).gather(1, top).sum(dim=1)
+    # torch.full fills on the device; torch.tensor(n, device=...) would copy from the host and sync.
+    count = torch.full((), preds.shape[0], dtype=torch.long, device=preds.device)
     return scores.sum(dtype=torch.float32), count
 
 

@@ -430,3 +430,15 @@ def test_prepare_names_the_mixed_binary_targets_and_leaves_dense_ones_alone() ->
         prepare_train_metrics({'acc': BinaryAccuracy()}, wrap=False, kind='binary')
     stock = {'pixels': MulticlassAccuracy(num_classes=3, average='micro')}
     assert prepare_train_metrics(stock, wrap=False, kind='dense') == stock
+
+
+def test_bfloat16_predictions_score_soft_targets_at_full_precision() -> None:
+    # Under amp_bf16 the logits are bfloat16; the target mass must not be rounded to bfloat16 (0.7 -> 0.69921875).
+    preds = torch.tensor([[2.0, 0.0], [0.0, 2.0]], dtype=torch.bfloat16)
+    target = torch.tensor([[0.7, 0.3], [0.7, 0.3]])
+    assert float(soft_target_accuracy(preds, target)) == pytest.approx(0.5, abs=1e-7)
+    metric = SoftTargetAccuracy(num_classes=2)
+    metric.update(preds, torch.tensor([[0.7, 0.3], [0.7, 0.3]]))
+    assert float(metric.compute()) == pytest.approx(0.5, abs=1e-7)
+    metric.update(preds[:1], torch.tensor([[0.7, 0.3]]))
+    assert float(metric.compute()) == pytest.approx((0.7 + 0.3 + 0.7) / 3, abs=1e-7)
