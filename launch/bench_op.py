@@ -8,6 +8,13 @@ all of them alike; ratios are medians of the per-iteration (same box) ratios. Th
 one plain ``copy_`` of the box region (read once, written once), on the same tensors.
 Batches of up to a million elements get 4x ``--iters`` calls (cheap, and relatively noisier).
 
+Per-sample boxes (``row['per_sample']``, in a round-robin of their own): ours
+(``apply_cutmix_per_sample(x, params, inplace=True)``, like ``ours`` on the same batch tensor),
+timm's ``Mixup(mixup_alpha=0, cutmix_alpha=1, mode='elem')`` with each sample's box and λ pinned to
+ours (partner ``x.flip(0)``, which its API fixes) and our batch mode with one box whose area is the
+mean area of the per-sample boxes (same partners as ours). Each iteration's draw is shared by all
+three; timm and ours are checked to give the same pixels first.
+
 With ``--device cuda`` the batch, targets and partner indices live on the GPU and every
 implementation (the same set) is timed by CUDA events around each call, started on an idle GPU
 (:func:`launch.bench_common.time_round_robin`); the profile is still the host's (aten ops by
@@ -20,12 +27,13 @@ import statistics
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from dist_cutmix import functional as F
 from launch.bench_common import NUM_CLASSES, Shape, md_table, median, paired_ratio, shape_str, time_round_robin
 
-__all__ = ['DEVICES', 'LAYOUTS', 'check_device', 'op_markdown', 'run_op']
+__all__ = ['DEVICES', 'LAYOUTS', 'PS_IMPLS', 'check_device', 'op_markdown', 'per_sample_markdown', 'run_op']
 
 LAYOUTS: dict[str, tuple[torch.dtype, bool]] = {  # name -> (dtype, channels_last)
     'float32': (torch.float32, False),
@@ -38,6 +46,8 @@ SMALL_BATCH_ELEMENTS = 1_000_000  # batches up to this many elements get SMALL_B
 SMALL_BATCH_ITERS = 4
 
 IMPLS = ['floor', 'ours', 'ours+targets', 'ours cutmix_batch', 'composer', 'timm', 'torchvision']
+# Per-sample boxes: every sample its own box and λ (one round-robin of their own, same draw for all).
+PS_IMPLS = ['ours per-sample', 'ours per-sample+targets', 'timm elem', 'ours batch (mean area)']
 
 
 def check_device(device: str) -> torch.device:
@@ -67,23 +77,66 @@ def _draw_params(n: int, h: int, w: int, count: int, seed: int, device: torch.de
 
 
 @contextmanager
-def _pinned_timm(holder: dict[str, Any]) -> Iterator[Any]:
-    """timm's ``Mixup`` in CutMix-only mode, its box and λ pinned to ``holder``'s draw.
+def _pinned_timm(holder: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
+    """timm's ``Mixup`` in CutMix-only mode, batch and elem, its boxes and λ pinned to ``holder``'s draw.
 
-    timm draws from the global numpy RNG inside ``Mixup``; we replace only the two draw
-    functions, so its mixing code (``x[..., box] = x.flip(0)[..., box]`` in place, then the
-    target mix) runs as written.
+    timm draws from the global numpy RNG inside ``Mixup``; we replace only its draw functions, so
+    its mixing code runs as written: in batch mode ``x[..., box] = x.flip(0)[..., box]`` in place;
+    in elem mode a clone of the batch, then ``x[i][:, box_i] = x_orig[n-1-i][:, box_i]`` for every
+    sample whose λ is not 1 (it asks for each such sample's box in turn, in sample order); then the
+    target mix. Batch mode reads ``holder['box']`` and ``holder['lam']``; elem mode
+    ``holder['elem_lam']`` (float32 λ per sample) and ``holder['elem_boxes']`` (box and λ of each
+    sample whose λ is not 1, in order).
     """
     import timm.data.mixup as timm_mixup
 
-    mixup = timm_mixup.Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=NUM_CLASSES)
-    mixup._params_per_batch = lambda: (holder['lam'], True)
+    kw = dict(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=NUM_CLASSES)
+    mixup = timm_mixup.Mixup(**kw)
+    elem = timm_mixup.Mixup(mode='elem', **kw)
+
+    def params_per_batch() -> tuple[float, bool]:
+        holder['queue'] = None
+        return holder['lam'], True
+
+    def params_per_elem(batch_size: int) -> tuple[Any, Any]:
+        lam = holder['elem_lam']
+        assert len(lam) == batch_size
+        holder['queue'] = iter(holder['elem_boxes'])
+        return lam.copy(), np.ones(batch_size, dtype=bool)  # timm writes the corrected λ into its array
+
+    def bbox_and_lam(*args: Any, **kwargs: Any) -> tuple[Any, float]:
+        queue = holder.get('queue')
+        return next(queue) if queue is not None else (holder['box'], holder['lam'])
+
+    mixup._params_per_batch = params_per_batch
+    elem._params_per_elem = params_per_elem
     original = timm_mixup.cutmix_bbox_and_lam
-    timm_mixup.cutmix_bbox_and_lam = lambda *a, **k: (holder['box'], holder['lam'])
+    timm_mixup.cutmix_bbox_and_lam = bbox_and_lam
     try:
-        yield mixup
+        yield mixup, elem
     finally:
         timm_mixup.cutmix_bbox_and_lam = original
+
+
+def _timm_elem_draw(p: F.PerSampleParams) -> dict[str, Any]:
+    """``holder`` entries that pin timm's elem mode to the per-sample draw ``p`` (made before timing)."""
+    lam = p.lam.numpy().astype(np.float32)
+    boxes = [(tuple(b), float(l)) for b, l, l32 in zip(p.boxes.tolist(), p.lam.tolist(), lam) if l32 != 1.0]
+    return {'elem_lam': lam, 'elem_boxes': boxes}
+
+
+def _mean_area_box(boxes: torch.Tensor, height: int, width: int) -> F.Box:
+    """One centred box of the image's aspect whose area is closest to the mean area of ``boxes``.
+
+    Its height is within 2 rows of the aspect-true side, so it is as square as the batch boxes are.
+    """
+    area = float(((boxes[:, 1] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 2]).clamp(min=0)).double().mean())
+    side = min(round((area * height / width) ** 0.5), height)
+    candidates = [(bh, min(width, round(area / bh)) if bh else 0)
+                  for bh in range(max(side - 2, 0), min(side + 2, height) + 1)]
+    bh, bw = min(candidates, key=lambda c: abs(c[0] * c[1] - area))
+    y0, x0 = (height - bh) // 2, (width - bw) // 2
+    return (y0, y0 + bh, x0, x0 + bw)
 
 
 def _pinned_torchvision(holder: dict[str, Any]) -> Any:
@@ -124,20 +177,95 @@ def _check_same_work(x: torch.Tensor, y: torch.Tensor, p: F.CutMixParams, timm_m
                                f'{x.dtype} on {x.device}: the benchmark would compare different work')
 
 
-def _profile_ours(x: torch.Tensor, draws: Sequence[F.CutMixParams], calls: int) -> list[tuple[str, float]]:
+def _profile_ours(x: torch.Tensor, draws: Sequence[Any], calls: int, apply: Any = F.apply_cutmix,
+                  ) -> list[tuple[str, float]]:
     """Where ours' in-place apply spends its time: top aten ops by self CPU time, as shares."""
     from torch.profiler import ProfilerActivity, profile
 
     os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # a CUDA build on a machine without GPU logs an error otherwise
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(calls):
-            F.apply_cutmix(x, draws[i % len(draws)], inplace=True)
+            apply(x, draws[i % len(draws)], inplace=True)
         if x.is_cuda:
             torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.key.startswith('aten::')]
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:3]
     return [(e.key, e.self_cpu_time_total / total) for e in top]
+
+
+def _draw_per_sample(n: int, h: int, w: int, count: int, seed: int) -> list[F.PerSampleParams]:
+    """``count`` per-sample draws (Beta(1, 1) λ and box per sample, partners), on the CPU."""
+    g = torch.Generator().manual_seed(seed + 7)  # a stream of its own: the batch draws stay as they were
+    return [F.sample_params_per_sample(n, h, w, alpha=1.0, generator=g) for _ in range(count)]
+
+
+def _check_same_work_per_sample(x: torch.Tensor, y: torch.Tensor, p: F.PerSampleParams, batch: F.CutMixParams,
+                                timm_elem: Any, holder: dict[str, Any]) -> None:
+    """timm elem reproduces ours for the same boxes and pairing; our batch mode is per-sample with equal boxes."""
+    n = x.shape[0]
+    dev = x.device
+    flip = F.PerSampleParams(p.boxes, p.lam, torch.arange(n, device=dev).flip(0))
+    same_boxes = F.PerSampleParams(torch.tensor([batch.box] * n), torch.full((n,), batch.lam, dtype=torch.float64),
+                                   batch.indices)
+    holder.update(_timm_elem_draw(p))
+    got = {
+        'timm elem': (timm_elem(x.clone(), y)[0], F.apply_cutmix_per_sample(x, flip)),
+        'ours per-sample in place': (F.apply_cutmix_per_sample(x.clone(), p, inplace=True),
+                                     F.apply_cutmix_per_sample(x, p)),
+        'ours batch (mean area)': (F.apply_cutmix(x, batch), F.apply_cutmix_per_sample(x, same_boxes)),
+    }
+    for name, (a, b) in got.items():
+        if not torch.equal(a, b):
+            raise RuntimeError(f'{name} does not reproduce the expected per-sample CutMix, input {tuple(x.shape)} '
+                               f'{x.dtype} on {x.device}: the benchmark would compare different work')
+
+
+def _run_per_sample(x: torch.Tensor, y: torch.Tensor, draws: Sequence[F.PerSampleParams], iters: int, warmup: int,
+                    timm_elem: Any, holder: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """Per-sample boxes on ``x`` (in place): ours, timm elem and our batch mode at the same mean area."""
+    h, w = x.shape[-2:]
+    dev = x.device
+    ps = [F.PerSampleParams(p.boxes, p.lam, p.indices.to(dev)) for p in draws]
+    timm_draws = [_timm_elem_draw(p) for p in draws]
+    batch = []
+    for p in ps:
+        box = _mean_area_box(p.boxes, h, w)
+        batch.append(F.CutMixParams(box, F.box_lambda(box, h, w), p.indices))
+    _check_same_work_per_sample(x, y, ps[warmup], batch[warmup], timm_elem, holder)
+
+    def ours(i: int) -> None:
+        F.apply_cutmix_per_sample(x, ps[i], inplace=True)
+
+    def ours_targets(i: int) -> None:
+        p = ps[i]
+        F.apply_cutmix_per_sample(x, p, inplace=True)
+        F.mix_targets_per_sample(y, y[p.indices], p.lam, p.boxes, kind='index', num_classes=NUM_CLASSES)
+
+    def timm(i: int) -> None:
+        holder.update(timm_draws[i])
+        timm_elem(x, y)
+
+    def ours_batch(i: int) -> None:
+        F.apply_cutmix(x, batch[i], inplace=True)
+
+    entries = dict(zip(PS_IMPLS, [ours, ours_targets, timm, ours_batch]))
+    samples, faults = time_round_robin(entries, iters, warmup, cuda=cuda)
+    ours_s = samples['ours per-sample']
+    used = slice(warmup, warmup + iters)
+    return {
+        'median_s': {k: median(v) for k, v in samples.items()},
+        'samples_s': samples,
+        'faults_per_call': faults,
+        'ratio': {
+            'timm elem/ours per-sample': paired_ratio(samples['timm elem'], ours_s),
+            'timm elem/ours per-sample+targets': paired_ratio(samples['timm elem'], samples['ours per-sample+targets']),
+            'ours per-sample/ours batch (mean area)': paired_ratio(ours_s, samples['ours batch (mean area)']),
+        },
+        'mean_box_share': statistics.fmean(1.0 - float(p.lam.mean()) for p in ps[used]),
+        'batch_box_share': statistics.fmean(1.0 - p.lam for p in batch[used]),
+        'profile': _profile_ours(x, ps[used], max(3, min(iters, 20)), F.apply_cutmix_per_sample),
+    }
 
 
 def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 0,
@@ -158,7 +286,10 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
         Rows with ``shape``, ``layout``, ``device``, ``iters``, median seconds per implementation in
         ``median_s``, all samples in ``samples_s``, minor page faults per call in
         ``faults_per_call``, paired ratios in ``ratio``, the mean pasted share ``mean_box_share``,
-        the floor's bandwidth ``floor_gbps`` and ``profile`` (ours' top aten ops).
+        the floor's bandwidth ``floor_gbps``, ``profile`` (ours' top aten ops) and ``per_sample``
+        (per-sample boxes: ``median_s``, ``samples_s``, ``faults_per_call`` per ``PS_IMPLS`` entry,
+        ``ratio``, the mean pasted share of the per-sample boxes ``mean_box_share`` and of the
+        batch-mode box ``batch_box_share``, and ``profile``).
 
     Raises:
         ValueError: for an odd batch size.
@@ -171,7 +302,7 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
     cuda = dev.type == 'cuda'
     rows = []
     holder: dict[str, Any] = {}
-    with _pinned_timm(holder) as timm_mixup:
+    with _pinned_timm(holder) as (timm_mixup, timm_elem):
         tv_cutmix = _pinned_torchvision(holder)
         for shape in shapes:
             n, c, h, w = shape
@@ -179,6 +310,7 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
                 raise ValueError(f'timm needs an even batch; got shape {shape}')
             n_iters = iters * SMALL_BATCH_ITERS if n * c * h * w <= SMALL_BATCH_ELEMENTS else iters
             draws = _draw_params(n, h, w, n_iters + warmup, seed, dev)
+            ps_draws = _draw_per_sample(n, h, w, n_iters + warmup, seed)
             for layout in layouts:
                 dtype, channels_last = LAYOUTS[layout]
                 g = torch.Generator().manual_seed(seed + 1)
@@ -247,6 +379,7 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
                     'mean_box_share': statistics.fmean(1.0 - p.lam for p in used),
                     'floor_gbps': median([b / t / 1e9 for b, t in zip(moved, samples['floor']) if b]),
                     'profile': _profile_ours(x, used, max(3, min(n_iters, 20))),
+                    'per_sample': _run_per_sample(x, y, ps_draws, n_iters, warmup, timm_elem, holder, cuda),
                 })
                 del x, src
     return rows
@@ -275,8 +408,35 @@ def op_markdown(rows: Sequence[dict[str, Any]]) -> str:
     if any(r.get('device') == 'cuda' for r in rows):
         intro += (' On CUDA: tensors on the GPU, each call timed by CUDA events from an idle GPU; the profile '
                   'and the page faults are the host\'s.')
-    return '\n\n'.join([
+    parts = [
         '### The op: median ms per call', intro,
         times, '### The op: ratios (median of same-box ratios; > 1 in a `peer/ours` column means ours is faster)',
         ratios, '### Where ours spends its time (profiler), and minor page faults per call (fresh memory)', profile,
-    ])
+    ]
+    ps_rows = [r for r in rows if r.get('per_sample')]
+    if ps_rows:
+        parts += ['### The op with per-sample boxes: median ms per call, ratios, profile', PS_INTRO,
+                  per_sample_markdown(ps_rows)]
+    return '\n\n'.join(parts)
+
+
+PS_INTRO = ('Every sample its own box and λ (Beta(1, 1)), the same draw for all three at each call: `ours per-sample` = '
+            '`apply_cutmix_per_sample(x, params, inplace=True)`; `timm elem` = `Mixup(mixup_alpha=0, cutmix_alpha=1, '
+            "mode='elem')` with each sample's box and λ pinned to ours (partner `x.flip(0)`), targets included; "
+            '`ours batch (mean area)` = `apply_cutmix(..., inplace=True)` with one centred box whose area is the mean '
+            'area of the per-sample boxes. `box share` = mean pasted share (per-sample / the batch box).')
+
+
+def per_sample_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The per-sample table of the op rows that have one."""
+    keys = ['timm elem/ours per-sample', 'timm elem/ours per-sample+targets', 'ours per-sample/ours batch (mean area)']
+    return md_table(
+        ['shape', 'layout', 'calls', 'box share'] + [f'{k} (ms)' for k in PS_IMPLS] + keys
+        + ["ours per-sample: top aten ops by self CPU time", 'faults/call ours / timm'],
+        [[shape_str(r['shape']), r['layout'], r['iters'],
+          f"{r['per_sample']['mean_box_share']:.3f} / {r['per_sample']['batch_box_share']:.3f}"]
+         + [r['per_sample']['median_s'][k] * 1e3 for k in PS_IMPLS] + [r['per_sample']['ratio'][k] for k in keys]
+         + [', '.join(f'{k} {v:.0%}' for k, v in r['per_sample']['profile']),
+            ' / '.join(f"{r['per_sample']['faults_per_call'][k]:.3g}" for k in ('ours per-sample', 'timm elem'))]
+         for r in rows],
+    )

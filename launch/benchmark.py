@@ -61,6 +61,8 @@ TARGETS = {
     'exchange_bytes': ('exchange W=4, 32x3x224x224: all-gather bytes / ours', '>=', 4.0),
     'step_local': ('train step, local: (with - without) / without', '<', 0.02),
     'step_global': ('train step, global: (with - without) / without', '<', 0.10),
+    'op_ps_vs_timm': ('op per-sample, every float32 row: timm elem time / ours per-sample (min)', '>=', 3.0),
+    'op_ps_vs_batch': ('op per-sample, every float32 row: ours per-sample / ours batch, same mean area (max)', '<=', 3.0),
 }
 
 DEFAULTS = {
@@ -109,6 +111,10 @@ def _targets(op: Sequence[dict[str, Any]], exchange: Sequence[dict[str, Any]],
     if row:
         measured['exchange_time'] = row['time_ratio']
         measured['exchange_bytes'] = row['bytes_ratio']
+    ps = [r['per_sample'] for r in op if r.get('per_sample') and r['layout'] == 'float32']
+    if ps:
+        measured['op_ps_vs_timm'] = min(p['ratio']['timm elem/ours per-sample'] for p in ps)
+        measured['op_ps_vs_batch'] = max(p['ratio']['ours per-sample/ours batch (mean area)'] for p in ps)
     for mode in ('local', 'global'):
         row = find(step, mode=mode)
         if row:

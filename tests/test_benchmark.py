@@ -20,6 +20,7 @@ _LAUNCH = str(Path(__file__).resolve().parents[1] / 'launch')
 if _LAUNCH not in sys.path:
     sys.path.insert(0, _LAUNCH)
 
+import bench_op  # noqa: E402
 import benchmark as bench  # noqa: E402
 
 from tests.spawn import run_ranks  # noqa: E402
@@ -60,6 +61,19 @@ def test_quick_run_reports_every_part(tmp_path, capsys, keep_threads):
         assert row['profile'] and all(name.startswith('aten::') for name, _ in row['profile'])
     assert '| 4x3x8x8 | channels_last |' in printed
 
+    # op, per-sample boxes: ours, timm elem and our batch mode on the same draws, in every layout
+    for row in report['op']:
+        ps = row['per_sample']
+        assert set(ps['median_s']) == set(ps['faults_per_call']) == set(bench_op.PS_IMPLS)
+        assert all(_positive(v) for v in ps['median_s'].values())
+        assert all(len(v) == row['iters'] for v in ps['samples_s'].values())
+        assert set(ps['ratio']) == {'timm elem/ours per-sample', 'timm elem/ours per-sample+targets',
+                                    'ours per-sample/ours batch (mean area)'}
+        assert all(_positive(v) for v in ps['ratio'].values())
+        assert 0 < ps['mean_box_share'] < 1 and 0 < ps['batch_box_share'] < 1
+        assert ps['profile'] and all(name.startswith('aten::') for name, _ in ps['profile'])
+    assert '### The op with per-sample boxes' in printed
+
     # exchange: one row per world size and shape; bytes are exact arithmetic
     rows = report['exchange']
     assert [(r['world'], r['shape']) for r in rows] == [(2, [4, 3, 8, 8]), (2, [2, 1, 6, 6])]
@@ -92,6 +106,7 @@ def test_quick_run_reports_every_part(tmp_path, capsys, keep_threads):
     measured = {t['key']: t['measured'] for t in report['targets']}
     assert measured['op_vs_composer'] is None and measured['exchange_time'] is None
     assert measured['op_vs_floor'] is not None and measured['step_global'] is not None
+    assert measured['op_ps_vs_timm'] is not None and measured['op_ps_vs_batch'] is not None
     for header in ('### The op: median ms per call', '### The exchange', '### The training step', '### Targets'):
         assert header in printed
 
@@ -135,6 +150,19 @@ def test_device_cuda_times_the_op_on_the_gpu(capsys, keep_threads):
         assert all(_positive(v) for v in row['ratio'].values()) and _positive(row['floor_gbps'])
     printed = capsys.readouterr().out
     assert 'timed with CUDA events' in printed and '### The op: median ms per call' in printed
+
+
+@pytest.mark.parametrize('hw', [(32, 32), (224, 224), (6, 9)])
+def test_mean_area_box_is_centred_and_close_to_the_mean_area(hw):
+    h, w = hw
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        boxes = bench_op.F.sample_params_per_sample(16, h, w, alpha=1.0, generator=g).boxes
+        mean = float(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).double().mean())
+        y0, y1, x0, x1 = bench_op._mean_area_box(boxes, h, w)
+        assert 0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w
+        assert abs((y1 - y0) * (x1 - x0) - mean) <= max(y1 - y0, x1 - x0, 1) + 2  # within a row or column, about
+        assert abs((y0 + y1) - h) <= 1 and abs((x0 + x1) - w) <= 1
 
 
 def _launched_rank(rank: int, world: int, out: str) -> dict:
