@@ -3,6 +3,14 @@
 Global mixing on W gloo ranks: our crop ``all_to_all`` (:func:`mix_batch_across_group`)
 against all-gathering the global batch and mixing locally with the same box, λ and
 permutation. A step's time is the slowest rank's; bytes are those a rank sends to others.
+
+Per-sample boxes (``row['per_sample']``, timed in a loop of their own): our per-sample global
+exchange (``mix_batch_across_group(..., per_sample=True)``) against our batch mode at the same
+mean λ: for each step, the batch index (from a pool of candidates) whose batch-mode λ is closest to
+the mean λ of that step's per-sample draw. The per-sample result is first checked against
+all-gathering the global batch and mixing it locally with the same draw. Bytes are checked against
+what must cross ranks, computed from the draw alone: for every sample whose partner lives on
+another rank, the partner's rank sends ``C * area(the sample's box) * element size`` plus the label.
 """
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ import torch.distributed as dist
 from dist_cutmix import functional as F
 from launch.bench_common import NUM_CLASSES, Shape, md_table, median, paired_ratio, shape_str, spawn_ranks
 
-__all__ = ['combine_exchange', 'exchange_markdown', 'exchange_rank', 'run_exchange']
+__all__ = ['combine_exchange', 'exchange_markdown', 'exchange_rank', 'per_sample_markdown', 'required_bytes',
+           'run_exchange']
 
 
 def _allgather_mix(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: torch.Tensor, params: F.CutMixParams,
@@ -29,6 +38,87 @@ def _allgather_mix(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: to
     F.paste_crops(x, F.gather_crops(buf, partners, params.box), params.box, inplace=True)
     target = F.mix_targets(y, ybuf[partners], params.lam, params.box, kind='index', num_classes=NUM_CLASSES)
     return x, target
+
+
+MATCH_CANDIDATES = 400  # batch-mode draws to pick from for the per-sample rows' "same mean λ"
+MATCH_FIRST_BATCH = 1_000_000  # their batch indices start here, away from the timed ones
+
+
+def required_bytes(params: F.PerSampleParams, rank: int, batch: int, channels: int, elem: int, label: int) -> int:
+    """Bytes ``rank`` must send for one per-sample draw over ranks of ``batch`` samples each: for every
+    sample on another rank whose partner is on ``rank``, the crop in the sample's box and one label."""
+    n = len(params.indices)
+    owner = torch.arange(n) // batch
+    partner_owner = params.indices // batch
+    boxes = params.boxes
+    area = (boxes[:, 1] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 2]).clamp(min=0)
+    crossing = (partner_owner == rank) & (owner != rank)
+    return int((area[crossing] * channels * elem + label).sum())
+
+
+def _allgather_mix_per_sample(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: torch.Tensor,
+                              params: F.PerSampleParams, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample reference: all-gather the global batch, mix it in one process, keep this rank's rows."""
+    dist.all_gather(list(buf.chunk(world)), x.contiguous())
+    dist.all_gather(list(ybuf.chunk(world)), y)
+    b = x.shape[0]
+    mine = slice(rank * b, (rank + 1) * b)
+    mixed = F.apply_cutmix_per_sample(buf, params)[mine]
+    target = F.mix_targets_per_sample(y, ybuf[params.indices[mine]], params.lam[mine], params.boxes[mine],
+                                      kind='index', num_classes=NUM_CLASSES)
+    return mixed, target
+
+
+def _per_sample_rank(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: torch.Tensor, rank: int, world: int,
+                     iters: int, warmup: int, seed: int, handshake: int) -> dict[str, Any]:
+    """Per-sample global mixing against batch mode at the same mean λ, on this rank."""
+    from dist_cutmix._random import batch_generator
+    from dist_cutmix.distributed import group_stream_key
+    from dist_cutmix.mixer import mix_batch_across_group
+
+    b, c, h, w = x.shape
+    key = group_stream_key(None)
+
+    def draw(batch: int) -> F.PerSampleParams:  # what mix_batch_across_group(per_sample=True) draws
+        return F.sample_params_per_sample(world * b, h, w, alpha=1.0, generator=batch_generator(seed, batch, *key))
+
+    candidates = [(F.sample_params(world * b, h, w, alpha=1.0, generator=batch_generator(seed, j, *key)).lam, j)
+                  for j in range(MATCH_FIRST_BATCH, MATCH_FIRST_BATCH + MATCH_CANDIDATES)]
+
+    batch0 = next(i for i in range(100) if float(draw(i).lam.min()) < 1.0)
+    ref = mix_batch_across_group(x.clone(), y, seed=seed, batch=batch0, num_classes=NUM_CLASSES, inplace=True,
+                                 per_sample=True)
+    alt_x, alt_y = _allgather_mix_per_sample(x.clone(), y, buf, ybuf, draw(batch0), rank, world)
+    if not torch.equal(ref.input, alt_x) or not torch.allclose(ref.target, alt_y):
+        raise RuntimeError(f'rank {rank}: per-sample all-gather mixing differs from ours for shape {tuple(x.shape)}; '
+                           'the benchmark would compare different work')
+
+    names = ('ours per-sample', 'ours batch (same mean λ)')
+    times: dict[str, list[float]] = {n: [] for n in names}
+    payload: dict[str, list[int]] = {n: [] for n in names}  # MixResult.bytes_sent (no handshake)
+    required, lam_ps, lam_batch = [], [], []
+    for i in range(warmup + iters):
+        params = draw(i)
+        mean_lam = float(params.lam.mean())
+        lam_b, j = min(candidates, key=lambda cand: abs(cand[0] - mean_lam))
+        for name in (names if i % 2 == 0 else names[::-1]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if name == names[0]:
+                r = mix_batch_across_group(x, y, seed=seed, batch=i, num_classes=NUM_CLASSES, inplace=True,
+                                           per_sample=True)
+            else:
+                r = mix_batch_across_group(x, y, seed=seed, batch=j, num_classes=NUM_CLASSES, inplace=True)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[name].append(dt)
+                payload[name].append(r.bytes_sent)
+        if i >= warmup:
+            required.append(required_bytes(params, rank, b, c, x.element_size(), y.element_size()))
+            lam_ps.append(mean_lam)
+            lam_batch.append(lam_b)
+    return {'times_s': times, 'payload': payload, 'handshake': handshake, 'required': required,
+            'mean_lam': {'per-sample': lam_ps, 'batch': lam_batch}}
 
 
 def exchange_rank(rank: int, world: int, shapes: Sequence[Shape], iters: int, warmup: int,
@@ -86,7 +176,9 @@ def exchange_rank(rank: int, world: int, shapes: Sequence[Shape], iters: int, wa
                     sent[name].append(nbytes)
             if i >= warmup:
                 box_share.append(1.0 - params.lam)
-        out.append({'shape': list(shape), 'times_s': times, 'bytes': sent, 'box_share': box_share})
+        per_sample = _per_sample_rank(x, y, buf, ybuf, rank, world, iters, warmup, seed, handshake)
+        out.append({'shape': list(shape), 'times_s': times, 'bytes': sent, 'box_share': box_share,
+                    'per_sample': per_sample})
         del x, buf
     return out
 
@@ -107,8 +199,33 @@ def combine_exchange(world: int, per_rank: Sequence[list[dict[str, Any]]]) -> li
             'time_ratio': paired_ratio(step['allgather'], step['ours']),
             'bytes_ratio': mean_bytes['allgather'] / mean_bytes['ours'] if mean_bytes['ours'] else float('inf'),
             'mean_box_share': statistics.fmean(first['box_share']),
+            'per_sample': _combine_per_sample([r[k]['per_sample'] for r in per_rank]),
         })
     return rows
+
+
+def _combine_per_sample(per_rank: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Slowest rank per step; bytes (payload plus handshake) against what must cross, over ranks and steps."""
+    first = per_rank[0]
+    names = list(first['times_s'])
+    steps = len(first['times_s'][names[0]])
+    step = {n: [max(r['times_s'][n][i] for r in per_rank) for i in range(steps)] for n in names}
+    sent = {n: [v + r['handshake'] for r in per_rank for v in r['payload'][n]] for n in names}
+    required = [v for r in per_rank for v in r['required']]
+    payload = [v for r in per_rank for v in r['payload'][names[0]]]
+    ratios = [s / q for s, q in zip(sent[names[0]], required) if q]
+    return {
+        'median_s': {n: median(v) for n, v in step.items()},
+        'step_s': step,
+        'time_ratio': paired_ratio(step[names[0]], step[names[1]]),  # per-sample / batch
+        'bytes_per_rank': {n: statistics.fmean(v) for n, v in sent.items()},
+        'required_per_rank': statistics.fmean(required),
+        'payload_equals_required': payload == required,
+        'bytes_ratio': sum(sent[names[0]]) / sum(required) if sum(required) else float('inf'),
+        'bytes_ratio_max': max(ratios) if ratios else float('nan'),
+        'mean_lam': {k: statistics.fmean(v) for k, v in first['mean_lam'].items()},
+        'max_lam_gap': max(abs(a - b) for a, b in zip(first['mean_lam']['per-sample'], first['mean_lam']['batch'])),
+    }
 
 
 def run_exchange(worlds: Sequence[int], shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 0,
@@ -129,6 +246,30 @@ def exchange_markdown(rows: Sequence[dict[str, Any]], note: str = '') -> str:
           r['median_s']['allgather'] * 1e3, r['time_ratio'], r['bytes_per_rank']['ours'] / 1e6,
           r['bytes_per_rank']['allgather'] / 1e6, r['bytes_ratio']] for r in rows],
     )
-    return '\n\n'.join(x for x in [
-        '### The exchange: global mixing, median ms per step (slowest rank) and bytes each rank sends', note, table,
-    ] if x)
+    parts = ['### The exchange: global mixing, median ms per step (slowest rank) and bytes each rank sends', note, table]
+    ps_rows = [r for r in rows if r.get('per_sample')]
+    if ps_rows:
+        parts += ['### The exchange with per-sample boxes, against batch mode at the same mean λ', PS_INTRO,
+                  per_sample_markdown(ps_rows)]
+    return '\n\n'.join(x for x in parts if x)
+
+
+PS_INTRO = ('`per-sample` = `mix_batch_across_group(..., per_sample=True)`; `batch` = batch mode on the batch index '
+            "whose λ is closest to the step's mean per-sample λ (`mean λ` per-sample / batch, largest gap in a step). "
+            '`must cross` = crops (C·area of each box) and labels of the samples whose partner is on another rank; '
+            '`sent / must cross` = `bytes_sent` plus the 24-byte handshake per peer, over all ranks and steps '
+            '(max over rank-steps in brackets).')
+
+
+def per_sample_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The per-sample table of the exchange rows that have one."""
+    return md_table(
+        ['W', 'shape (per rank)', 'mean λ (gap)', 'per-sample (ms)', 'batch (ms)', 'time per-sample/batch',
+         'per-sample MB sent/rank', 'batch MB sent/rank', 'must cross MB/rank', 'sent / must cross'],
+        [[r['world'], shape_str(r['shape']),
+          f"{p['mean_lam']['per-sample']:.3f} / {p['mean_lam']['batch']:.3f} ({p['max_lam_gap']:.2g})",
+          p['median_s']['ours per-sample'] * 1e3, p['median_s']['ours batch (same mean λ)'] * 1e3, p['time_ratio'],
+          p['bytes_per_rank']['ours per-sample'] / 1e6, p['bytes_per_rank']['ours batch (same mean λ)'] / 1e6,
+          p['required_per_rank'] / 1e6, f"{p['bytes_ratio']:.5f} ({p['bytes_ratio_max']:.5f})"]
+         for r in rows for p in [r['per_sample']]],
+    )

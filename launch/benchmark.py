@@ -63,6 +63,8 @@ TARGETS = {
     'step_global': ('train step, global: (with - without) / without', '<', 0.10),
     'op_ps_vs_timm': ('op per-sample, every float32 row: timm elem time / ours per-sample (min)', '>=', 3.0),
     'op_ps_vs_batch': ('op per-sample, every float32 row: ours per-sample / ours batch, same mean area (max)', '<=', 3.0),
+    'exchange_ps_bytes': ('exchange per-sample W=4, every shape: |bytes sent / crops+labels that must cross - 1| (max)',
+                          '<=', 0.05),
 }
 
 DEFAULTS = {
@@ -115,6 +117,9 @@ def _targets(op: Sequence[dict[str, Any]], exchange: Sequence[dict[str, Any]],
     if ps:
         measured['op_ps_vs_timm'] = min(p['ratio']['timm elem/ours per-sample'] for p in ps)
         measured['op_ps_vs_batch'] = max(p['ratio']['ours per-sample/ours batch (mean area)'] for p in ps)
+    ps = [r['per_sample'] for r in exchange if r.get('per_sample') and r['world'] == 4]
+    if ps:
+        measured['exchange_ps_bytes'] = max(abs(p['bytes_ratio'] - 1) for p in ps)
     for mode in ('local', 'global'):
         row = find(step, mode=mode)
         if row:

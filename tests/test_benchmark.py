@@ -20,6 +20,7 @@ _LAUNCH = str(Path(__file__).resolve().parents[1] / 'launch')
 if _LAUNCH not in sys.path:
     sys.path.insert(0, _LAUNCH)
 
+import bench_exchange  # noqa: E402
 import bench_op  # noqa: E402
 import benchmark as bench  # noqa: E402
 
@@ -84,6 +85,17 @@ def test_quick_run_reports_every_part(tmp_path, capsys, keep_threads):
         assert all(_positive(v) for v in r['median_s'].values())
         assert _positive(r['time_ratio']) and r['bytes_ratio'] > 1
         assert all(len(v) == 2 for v in r['step_s'].values())
+        # per-sample: exactly the crops and labels that must cross, plus the handshake; batch mode at ~ the same λ
+        ps = r['per_sample']
+        handshake = (r['world'] - 1) * 3 * 8
+        assert ps['payload_equals_required'] is True
+        assert ps['bytes_per_rank']['ours per-sample'] == pytest.approx(ps['required_per_rank'] + handshake)
+        assert ps['bytes_ratio'] == pytest.approx(1 + handshake / ps['required_per_rank'])
+        assert ps['bytes_ratio_max'] >= ps['bytes_ratio'] > 1
+        assert ps['max_lam_gap'] < 0.05
+        assert all(_positive(v) for v in ps['median_s'].values()) and _positive(ps['time_ratio'])
+        assert all(len(v) == 2 for v in ps['step_s'].values())
+    assert '### The exchange with per-sample boxes' in printed
 
     # step: local on one rank, global on two, with and without CutMix; the default and inplace=True
     assert [(r['mode'], r['world'], r['variant'], r['inplace']) for r in report['step']] == [
@@ -107,6 +119,7 @@ def test_quick_run_reports_every_part(tmp_path, capsys, keep_threads):
     assert measured['op_vs_composer'] is None and measured['exchange_time'] is None
     assert measured['op_vs_floor'] is not None and measured['step_global'] is not None
     assert measured['op_ps_vs_timm'] is not None and measured['op_ps_vs_batch'] is not None
+    assert measured['exchange_ps_bytes'] is None  # W = 4 only
     for header in ('### The op: median ms per call', '### The exchange', '### The training step', '### Targets'):
         assert header in printed
 
@@ -150,6 +163,19 @@ def test_device_cuda_times_the_op_on_the_gpu(capsys, keep_threads):
         assert all(_positive(v) for v in row['ratio'].values()) and _positive(row['floor_gbps'])
     printed = capsys.readouterr().out
     assert 'timed with CUDA events' in printed and '### The op: median ms per call' in printed
+
+
+def test_required_bytes_counts_each_crossing_crop_once():
+    """Against a loop over samples: sample i on rank i // b takes its partner's pixels inside box i."""
+    g = torch.Generator().manual_seed(3)
+    b, world, c, h, w = 3, 3, 2, 7, 5
+    params = bench_op.F.sample_params_per_sample(world * b, h, w, alpha=1.0, generator=g)
+    for rank in range(world):
+        expect = 0
+        for i, (j, (y0, y1, x0, x1)) in enumerate(zip(params.indices.tolist(), params.boxes.tolist())):
+            if j // b == rank != i // b:
+                expect += c * (y1 - y0) * (x1 - x0) * 4 + 8
+        assert bench_exchange.required_bytes(params, rank, b, c, 4, 8) == expect
 
 
 @pytest.mark.parametrize('hw', [(32, 32), (224, 224), (6, 9)])
