@@ -57,11 +57,12 @@ def test_python_blocks_run(page):
 
 
 def _parsers():
-    from launch import benchmark, experiment, scaling, train, visualize
+    from launch import bench_memory, benchmark, experiment, scaling, train, visualize
 
     return {
         'train': train.parse_args,
         'benchmark': benchmark._parse_args,
+        'bench_memory': bench_memory._parse_args,
         'experiment': lambda argv: experiment.build_parser().parse_args(argv),
         'visualize': lambda argv: visualize.build_parser().parse_args(argv),
         'scaling': lambda argv: scaling.build_parser().parse_args(argv),
