@@ -483,13 +483,20 @@ def _use_masks(tensor: Tensor) -> bool:
     return tensor.is_cuda or tensor[0:1].numel() <= _MASK_MAX_SAMPLE_NUMEL
 
 
-def _box_masks(boxes: Tensor, height: int, width: int, device: torch.device) -> Tensor:
-    """``(K, 1, H, W)`` bool: True inside each box."""
+def _box_masks(boxes: Tensor, height: int, width: int, device: torch.device, channels_last: int = 0) -> Tensor:
+    """``(K, 1, H, W)`` bool, True inside each box; with ``channels_last=C``, ``(K, H, W * C)`` for NHWC memory."""
     boxes = boxes.to(device, non_blocking=True)
-    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
-    inside_y = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])
-    inside_x = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])
-    return (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width * max(channels_last, 1), device=device) // max(channels_last, 1)
+    inside_y = ((rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])).to(torch.uint8)
+    inside_x = ((cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])).to(torch.uint8)
+    # an outer product of 0/1 bytes: faster on CPU than a broadcast logical and
+    mask = (inside_y[:, :, None] * inside_x[:, None, :]).bool()
+    return mask if channels_last else mask[:, None]
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _as_4d(tensor: Tensor) -> Tensor:
@@ -507,10 +514,22 @@ def gather_box_pixels(tensor: Tensor, rows: Tensor, boxes: Tensor) -> Tensor:
     if len(rows) == 0:
         return x.new_empty(0)
     if _use_masks(x):
-        selected = x.index_select(0, rows.to(x.device))
-        return selected.masked_select(_box_masks(boxes, x.shape[-2], x.shape[-1], x.device))
-    parts = [x[j, :, y0:y1, x0:x1].reshape(-1) for j, (y0, y1, x0, x1) in zip(rows.tolist(), boxes.tolist())]
-    return torch.cat(parts)
+        selected = x.index_select(0, rows.to(x.device, non_blocking=True)).contiguous()
+        # a mask expanded to the full shape: masked_select over a broadcast mask is several times slower
+        mask = _box_masks(boxes, x.shape[-2], x.shape[-1], x.device).expand(selected.shape).contiguous()
+        return selected.masked_select(mask)
+    out = x.new_empty(int(_areas(boxes).sum()) * x.shape[1])
+    offset = 0
+    for j, (y0, y1, x0, x1) in zip(rows.tolist(), boxes.tolist()):
+        n = max(y1 - y0, 0) * max(x1 - x0, 0) * x.shape[1]
+        if n:  # straight into the packed buffer: one copy per crop
+            out[offset:offset + n].view(x.shape[1], y1 - y0, x1 - x0).copy_(x[j, :, y0:y1, x0:x1])
+        offset += n
+    return out
+
+
+def _areas(boxes: Tensor) -> Tensor:
+    return (boxes[:, 1] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 2]).clamp(min=0)
 
 
 def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor) -> Tensor:
@@ -519,12 +538,13 @@ def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor
     if len(rows) == 0 or pixels.numel() == 0:
         return tensor
     if _use_masks(x):
-        rows = rows.to(x.device)
-        region = x.index_select(0, rows)
-        region.masked_scatter_(_box_masks(boxes, x.shape[-2], x.shape[-1], x.device), pixels)
+        rows = rows.to(x.device, non_blocking=True)
+        region = x.index_select(0, rows).contiguous()
+        mask = _box_masks(boxes, x.shape[-2], x.shape[-1], x.device).expand(region.shape).contiguous()
+        region.masked_scatter_(mask, pixels)
         x.index_copy_(0, rows, region)
         return tensor
-    areas = ((boxes[:, 1] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 2]).clamp(min=0) * x.shape[1]).tolist()
+    areas = (_areas(boxes) * x.shape[1]).tolist()
     for i, (y0, y1, x0, x1), crop in zip(rows.tolist(), boxes.tolist(), pixels.split(areas)):
         if crop.numel():
             x[i, :, y0:y1, x0:x1] = crop.view(x.shape[1], y1 - y0, x1 - x0)
@@ -534,27 +554,73 @@ def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor
 def apply_cutmix_per_sample(input: Tensor, params: PerSampleParams, *, inplace: bool = False) -> Tensor:
     """Paste into each sample its partner's pixels inside the sample's own box.
 
-    All crops are read before any is written, so a partner's pixels are its own, unmixed ones
-    (as in batch mode). dtype and memory format are kept. On CUDA (and for small images) one
-    masked blend over the batch, with no host sync; on CPU for larger images a copy per sample.
+    Every sample receives its partner's own, unmixed pixels (as in batch mode). dtype and memory
+    format are kept. On CUDA (and for small images) one masked blend over the batch, with no host
+    sync; on CPU for larger images one copy per sample, straight from partner to sample.
     """
     if input.shape[0] == 0:
         return input if inplace else input.clone()
     if _use_masks(input):
         return _blend_boxes(input, params.indices, params.boxes, input if inplace else None)
-    out = input if inplace else input.clone()
-    pixels = gather_box_pixels(input, params.indices, params.boxes)
-    return paste_box_pixels(out, torch.arange(input.shape[0]), pixels, params.boxes)
+    if not inplace:
+        out = input.clone()
+        for i, j, (y0, y1, x0, x1) in zip(range(len(out)), params.indices.tolist(), params.boxes.tolist()):
+            out[i, :, y0:y1, x0:x1] = input[j, :, y0:y1, x0:x1]
+        return out
+    _paste_along_cycles(input, params.indices.tolist(), params.boxes.tolist())
+    return input
+
+
+def _paste_along_cycles(x: Tensor, partners: list[int], boxes: list[list[int]]) -> None:
+    """In place: ``x[i, box_i] = original x[partners[i], box_i]`` for a permutation ``partners``.
+
+    Following each cycle ``i -> partners[i] -> ...``, a sample is overwritten only after the one
+    sample that reads from it has read; the last sample of a cycle reads the first one's pixels,
+    saved before the cycle started: one spare crop per cycle instead of a copy of every crop.
+    """
+    if sorted(partners) != list(range(len(partners))):
+        raise ValueError('per-sample partners must be a permutation to paste in place along its cycles')
+    done = [False] * len(partners)
+    for start in range(len(partners)):
+        if done[start] or partners[start] == start:
+            done[start] = True
+            continue
+        last = start
+        while partners[last] != start:
+            last = partners[last]
+        y0, y1, x0, x1 = boxes[last]
+        saved = x[start, :, y0:y1, x0:x1].clone()  # what the cycle's last sample takes from the first
+        i = start
+        while i != last:
+            j = partners[i]
+            y0, y1, x0, x1 = boxes[i]
+            x[i, :, y0:y1, x0:x1] = x[j, :, y0:y1, x0:x1]
+            done[i] = True
+            i = j
+        y0, y1, x0, x1 = boxes[last]
+        x[last, :, y0:y1, x0:x1] = saved
+        done[last] = True
 
 
 def _blend_boxes(tensor: Tensor, indices: Tensor, boxes: Tensor, out: Optional[Tensor]) -> Tensor:
     """``where(inside box i, tensor[indices[i]], tensor[i])`` for every row, into ``out`` (may be ``tensor``)."""
     x = _as_4d(tensor)
-    partners = x.index_select(0, indices.to(x.device, non_blocking=True))
-    mask = _box_masks(boxes, x.shape[-2], x.shape[-1], x.device)
+    indices = indices.to(x.device, non_blocking=True)
+    if _channels_last(x):  # index_select returns NCHW; gather the NHWC rows instead, keeping the layout
+        partners = x.permute(0, 2, 3, 1).index_select(0, indices).permute(0, 3, 1, 2)
+    else:
+        partners = x.index_select(0, indices)
     if out is None:
         out = torch.empty_like(tensor)  # preserve_format: a channels_last batch stays channels_last
-    torch.where(mask, partners, x, out=_as_4d(out))
+    o = _as_4d(out)
+    if _channels_last(x) and _channels_last(partners) and _channels_last(o):
+        # in NHWC memory, a mask broadcast over the innermost channels is slow: blend (N, H, W*C) rows instead
+        n, c, h, w = x.shape
+        flat = [t.permute(0, 2, 3, 1).reshape(n, h, w * c) for t in (partners, x, o)]
+        mask = _box_masks(boxes, h, w, x.device, channels_last=c)
+        torch.where(mask, flat[0], flat[1], out=flat[2])
+    else:
+        torch.where(_box_masks(boxes, x.shape[-2], x.shape[-1], x.device), partners, x, out=o)
     return out
 
 
