@@ -25,7 +25,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -239,8 +238,19 @@ def _last_epoch_mean(history: dict[str, list], key: str) -> Optional[float]:
     return sum(per_batch.values()) / len(per_batch)
 
 
-def main(argv: Union[Sequence[str], argparse.Namespace, None] = None) -> dict[str, Any]:
-    """Train once; every rank returns the run summary (rank 0 also prints it and writes ``--json``)."""
+def _per_batch(history: dict[str, list], key: str) -> list[float]:
+    """One value per training batch, in batch order (the last one logged at each batch)."""
+    by_batch = {int(t.batch): float(v) for t, v in history.get(key, [])}
+    return [by_batch[b] for b in sorted(by_batch)]
+
+
+def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series: bool = False) -> dict[str, Any]:
+    """Train once; every rank returns the run summary (rank 0 also prints it and writes ``--json``).
+
+    With ``series=True`` the summary also holds ``series``: per training batch, the train loss
+    (``loss/train/total``, averaged over the ranks) and this rank's logged ``cutmix/lambda``
+    (``launch/loss_spread.py`` uses them).
+    """
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     start = time.perf_counter()
 
@@ -332,6 +342,9 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None) -> dict[st
             'checkpoint': str(Path(args.save_folder) / 'latest-rank0.pt') if args.save_folder else None,
             'wall_s': time.perf_counter() - start,
         }
+        if series:
+            summary['series'] = {'loss': _per_batch(history.data, 'loss/train/total'),
+                                 'cutmix_lambda': _per_batch(history.data, 'cutmix/lambda')}
     finally:
         trainer.close()
     if rank == 0:

@@ -249,3 +249,45 @@ def test_experiment_cli_at_a_tiny_configuration(tmp_path):
     rows = [ln for ln in table.splitlines() if ln.startswith('| ') and ln[2].isdigit()]
     assert len(rows) == 4 and '| global |' in table and '±' in table
     assert table in proc.stdout
+
+
+# ----------------------------------------------------------------------------- loss_spread.py
+
+
+def test_loss_spread_statistics_on_a_known_series():
+    from launch.loss_spread import spread
+
+    s = spread([1.0, 2.0, 4.0, 7.0])
+    assert s['mean'] == pytest.approx(3.5)
+    assert s['std'] == pytest.approx(torch.tensor([1.0, 2.0, 4.0, 7.0]).std().item())
+    assert s['diff_std'] == pytest.approx(1.0)  # differences 1, 2, 3
+    assert spread([5.0]) == {'mean': 5.0, 'std': None, 'diff_std': None}
+
+
+def test_loss_spread_quick_writes_json_table_and_plot(tmp_path):
+    from PIL import Image
+
+    out, png = tmp_path / 'spread', tmp_path / 'spread.png'
+    proc = _run([PYTHON, 'launch/loss_spread.py', '--quick', '--out', str(out), '--plot', str(png)], timeout=150)
+    payload = json.loads(out.with_suffix('.json').read_text())
+    assert payload['complete'] is True and payload['setup']['quick'] is True
+    runs = {r['variant']: r for r in payload['runs']}
+    assert set(runs) == {'batch', 'per-sample', 'none'} and len(payload['runs']) == 3
+    for variant, r in runs.items():
+        assert r['world_size'] == 2 and r['global_batch_size'] == 16 and r['steps'] == 6 and len(r['loss']) == 6
+        assert len(r['lambda']) == (0 if variant == 'none' else 6)
+        assert set(r['stats']) >= {'loss_std', 'loss_diff_std', 'lambda_std', 'eval_accuracy', 'wall_s'}
+    # Batch mode: every rank logs the one λ; per-sample: each rank its own samples' mean.
+    assert runs['batch']['lambda'] == runs['batch']['lambda_rank0']
+    assert runs['per-sample']['stats']['lambda_std'] < runs['batch']['stats']['lambda_std']
+    summary = payload['summary']
+    assert set(summary['by_variant']) == {'batch', 'per-sample', 'none'}
+    assert set(summary['per_sample_over_batch']) == {'loss_std', 'loss_diff_std', 'loss_diff_std_2nd_half',
+                                                     'lambda_std'}
+    assert 0.0 <= summary['batch_loss_diff_r2_on_label_entropy'] <= 1.0
+    assert summary['expected_lambda_std']['global_batch_mean_std'] == pytest.approx(
+        summary['expected_lambda_std']['per_sample_lambda_std'] / 4)
+    table = out.with_suffix('.md').read_text()
+    assert table in proc.stdout and '| per-sample |' in table and '±' in table
+    with Image.open(png) as img:
+        assert img.format == 'PNG' and img.size == (880, 1045)
