@@ -57,7 +57,7 @@ def test_python_blocks_run(page):
 
 
 def _parsers():
-    from launch import bench_memory, benchmark, experiment, scaling, train, visualize
+    from launch import bench_memory, benchmark, experiment, loss_spread, scaling, train, visualize
 
     return {
         'train': train.parse_args,
@@ -66,6 +66,7 @@ def _parsers():
         'experiment': lambda argv: experiment.build_parser().parse_args(argv),
         'visualize': lambda argv: visualize.build_parser().parse_args(argv),
         'scaling': lambda argv: scaling.build_parser().parse_args(argv),
+        'loss_spread': loss_spread.parse_args,
     }
 
 
