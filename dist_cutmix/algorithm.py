@@ -45,9 +45,10 @@ class CutMix(Algorithm):
     targets. When the class count of index targets is known up front (``num_classes``, a train
     metric's or the model's), the soft targets are built then too; otherwise they are built per
     microbatch at ``Event.BEFORE_LOSS`` from the class count of the model's outputs, as Composer's
-    CutMix does (the train metrics then see the unmixed labels). Every draw for batch ``b`` comes from a generator seeded by ``(seed, b, ...)``:
-    the same seed mixes the same way, ranks mix differently, and a resumed run mixes its later
-    batches exactly as the uninterrupted run did, with no state in the checkpoint.
+    CutMix does (the train metrics then see the unmixed labels). Every draw for batch ``b`` comes
+    from a generator seeded by ``(seed, b, ...)``: the same seed mixes the same way, ranks mix
+    differently, and a resumed run mixes its later batches exactly as the uninterrupted run did,
+    with no state in the checkpoint.
 
     Args:
         alpha: Beta(alpha, alpha) concentration of the kept share λ. ``alpha=0`` disables
@@ -117,7 +118,8 @@ class CutMix(Algorithm):
             raise ValueError(f"process_group is only used with mode='global', got mode={mode!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f'seed must be an int or None, got seed={seed!r}')
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
             raise ValueError(f'num_classes must be a positive int or None, got num_classes={num_classes!r}')
         if inplace not in (None, True, False):
             raise TypeError(f'inplace must be None, True or False, got inplace={inplace!r}')
@@ -186,7 +188,8 @@ class CutMix(Algorithm):
             return self.num_classes
         model = state.model
         candidates = [getattr(m, 'num_classes', None) for m in (state.train_metrics or {}).values()]
-        candidates += [getattr(model, 'num_classes', None), getattr(getattr(model, 'module', None), 'num_classes', None)]
+        candidates += [getattr(model, 'num_classes', None),
+                       getattr(getattr(model, 'module', None), 'num_classes', None)]
         return next((c for c in candidates if isinstance(c, int) and not isinstance(c, bool) and c > 0), None)
 
     def _mix(self, state: State, logger: Logger) -> None:
@@ -278,7 +281,7 @@ class CutMix(Algorithm):
             raise RuntimeError(f'CutMix(interpolate_loss=True) needs one tensor loss, got {type(state.loss).__name__}')
         _, partner = self._partner_targets(state, '(interpolate_loss=True)')
         model = state.model
-        loss_fn = getattr(model, 'loss', None) or getattr(model.module, 'loss')
+        loss_fn = getattr(model, 'loss', None) or model.module.loss
         # The partner loss reads the user's own batch layout, with the target swapped through target_key.
         own = state.batch_get_item(key=self.target_key)
         state.batch_set_item(key=self.target_key, value=partner)

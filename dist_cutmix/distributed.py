@@ -51,7 +51,8 @@ def group_stream_key(group: ProcessGroup) -> tuple[str, int]:
     return ('group', min(dist.get_process_group_ranks(group or dist.group.WORLD)))
 
 
-def node_group(local_world_size: int, local_rank: Optional[int] = None, node_rank: Optional[int] = None) -> ProcessGroup:
+def node_group(local_world_size: int, local_rank: Optional[int] = None,
+               node_rank: Optional[int] = None) -> ProcessGroup:
     """The process group of this node's ranks; every rank must call it (it creates all nodes' groups).
 
     Ranks are laid out node by node (``global = node * local_world_size + local``), as Composer's
@@ -214,7 +215,7 @@ def exchange_rows(rows: Sequence[Tensor], plan: ExchangePlan, group: ProcessGrou
     # offset and strides suit a view as the wider dtype (a one-row slice of the packed buffer does not).
     return [
         _in_local_order(chunk, plan).view(t.dtype).reshape(received.shape[0], *t.shape[1:])
-        for chunk, t in zip(received.split(widths, dim=1), parts)
+        for chunk, t in zip(received.split(widths, dim=1), parts, strict=True)
     ]
 
 
@@ -258,23 +259,25 @@ def exchange_ragged(
         return [p.clone() for p in payloads]
     sizes = [p.element_size() for p in payloads]
     raw = [p.contiguous().view(torch.uint8) for p in payloads]
-    starts = [[0] + list(itertools.accumulate(b * size for b in counts)) for counts, size in zip(send_numel, sizes)]
+    starts = [[0] + list(itertools.accumulate(b * size for b in counts))
+              for counts, size in zip(send_numel, sizes, strict=True)]
     segments, send_bytes = [], []
     for d in range(world):
-        parts = [r[s[d]:s[d + 1]] for r, s in zip(raw, starts)]
+        parts = [r[s[d]:s[d + 1]] for r, s in zip(raw, starts, strict=True)]
         send_bytes.append(sum(len(q) for q in parts))
         segments += [q for q in parts if len(q)]
     device = raw[0].device
     send = torch.cat(segments) if segments else torch.empty(0, dtype=torch.uint8, device=device)
-    recv_bytes = [sum(counts[r] * size for counts, size in zip(recv_numel, sizes)) for r in range(world)]
+    recv_bytes = [sum(counts[r] * size for counts, size in zip(recv_numel, sizes, strict=True)) for r in range(world)]
     received = send.new_empty(sum(recv_bytes))
     dist.all_to_all_single(received, send, output_split_sizes=recv_bytes, input_split_sizes=send_bytes, group=group)
     pieces: list[list[Tensor]] = [[] for _ in payloads]
     offset = 0
     for r in range(world):
-        for k, (counts, size) in enumerate(zip(recv_numel, sizes)):
+        for k, (counts, size) in enumerate(zip(recv_numel, sizes, strict=True)):
             n = counts[r] * size
             pieces[k].append(received[offset:offset + n])
             offset += n
     # A fresh buffer per payload: a byte slice's offset may not suit a view as the wider dtype.
-    return [torch.cat(piece).view(p.dtype) if piece else p.new_empty(0) for piece, p in zip(pieces, payloads)]
+    return [torch.cat(piece).view(p.dtype) if piece else p.new_empty(0)
+            for piece, p in zip(pieces, payloads, strict=True)]

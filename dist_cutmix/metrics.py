@@ -73,7 +73,8 @@ def _check_num_classes(num_classes: int) -> None:
         raise ValueError(f'num_classes must be a positive int, got num_classes={num_classes!r}')
 
 
-def _soft_target_accuracy_validate(preds: Tensor, target: Tensor, num_classes: Optional[int], validate_values: bool) -> None:
+def _soft_target_accuracy_validate(preds: Tensor, target: Tensor, num_classes: Optional[int],
+                                   validate_values: bool) -> None:
     """Raise on preds/target shapes, dtypes or values that :func:`soft_target_accuracy` cannot score."""
     if not isinstance(preds, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f'preds and target must be tensors, got {type(preds).__name__} and {type(target).__name__}')
@@ -88,7 +89,9 @@ def _soft_target_accuracy_validate(preds: Tensor, target: Tensor, num_classes: O
     index_shape = preds.shape[:1] + preds.shape[2:]
     if target.shape == index_shape:
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise ValueError(f'index targets of shape (N, ...) must have an integer dtype, got target dtype {target.dtype}')
+            raise ValueError(
+                f'index targets of shape (N, ...) must have an integer dtype, got target dtype {target.dtype}',
+            )
         if validate_values and target.numel() and (int(target.min()) < 0 or int(target.max()) >= c):
             raise ValueError(
                 f'index targets must lie in [0, {c}) for preds with {c} classes, '
@@ -292,7 +295,8 @@ class SoftTargetWrapper(MetricInputTransformer):
         >>> import torch
         >>> from torchmetrics.classification import MulticlassF1Score
         >>> metric = SoftTargetWrapper(MulticlassF1Score(num_classes=3, average='micro'))
-        >>> metric.update(torch.tensor([[2.0, 0.1, 0.3], [0.1, 0.2, 3.0]]), torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.6, 0.4]]))
+        >>> metric.update(torch.tensor([[2.0, 0.1, 0.3], [0.1, 0.2, 3.0]]),
+        ...               torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.6, 0.4]]))
         >>> metric.compute()
         tensor(0.5000)
     """
@@ -463,8 +467,8 @@ def prepare_train_metrics(
     if stock and not wrap:
         names = ', '.join(f'{key!r} ({type(m).__name__})' for key, m in stock.items())
         raise ValueError(
-            f'CutMix puts {_MIXED_TARGETS.get(kind, "mixed targets")} into the batch, and the train metric(s) {names} would report wrong '
-            f'numbers on them without an error; use dist_cutmix.metrics.SoftTargetAccuracy or '
+            f'CutMix puts {_MIXED_TARGETS.get(kind, "mixed targets")} into the batch, and the train metric(s) {names} '
+            f'would report wrong numbers on them without an error; use dist_cutmix.metrics.SoftTargetAccuracy or '
             f'SoftTargetWrapper(metric) instead, or CutMix(wrap_train_metrics=True) to do it for you',
         )
     prepared = {key: _soft_aware(stock[key]) if key in stock else metric for key, metric in metrics.items()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -14,8 +14,8 @@ from torch import Tensor
 from dist_cutmix import functional as F
 from dist_cutmix._random import batch_generator
 from dist_cutmix.distributed import (
-    ExchangePlan,
     BatchMismatchError,
+    ExchangePlan,
     ProcessGroup,
     agree_on_batch,
     exchange_ragged,
@@ -67,7 +67,8 @@ class MixResult:
     def mean_label_lam(self) -> float:
         """``label_lam``, averaged over the samples when there is one per sample (what is logged)."""
         lam = self.label_lam
-        return float(lam.mean()) if isinstance(lam, Tensor) and lam.numel() else (1.0 if isinstance(lam, Tensor) else lam)
+        return (float(lam.mean()) if isinstance(lam, Tensor) and lam.numel()
+                else (1.0 if isinstance(lam, Tensor) else lam))
 
 
 def _kind_and_problem(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -121,11 +121,30 @@ def _per_sample_rank(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: 
             'mean_lam': {'per-sample': lam_ps, 'batch': lam_batch}}
 
 
+def _exchange_calls(x: torch.Tensor, y: torch.Tensor, world: int,
+                    seed: int) -> tuple[Callable[[int], F.CutMixParams], Callable[[int], tuple[Any, int]]]:
+    """``params_of(batch)``, what :func:`mix_batch_across_group` draws for a batch index, and ``ours(batch)``,
+    which mixes ``x`` and ``y`` globally in place and returns the result and its ``bytes_sent``."""
+    from dist_cutmix._random import batch_generator
+    from dist_cutmix.distributed import group_stream_key
+    from dist_cutmix.mixer import mix_batch_across_group
+
+    b, _, h, w = x.shape
+
+    def params_of(batch: int) -> F.CutMixParams:
+        return F.sample_params(world * b, h, w, alpha=1.0,
+                               generator=batch_generator(seed, batch, *group_stream_key(None)))
+
+    def ours(batch: int) -> tuple[Any, int]:
+        r = mix_batch_across_group(x, y, seed=seed, batch=batch, num_classes=NUM_CLASSES, inplace=True)
+        return r, r.bytes_sent
+
+    return params_of, ours
+
+
 def exchange_rank(rank: int, world: int, shapes: Sequence[Shape], iters: int, warmup: int,
                    seed: int) -> list[dict[str, Any]]:
     """This rank's side of the exchange benchmark: per shape, per-iteration seconds and bytes."""
-    from dist_cutmix._random import batch_generator
-    from dist_cutmix.distributed import group_stream_key
     from dist_cutmix.mixer import mix_batch_across_group
 
     out = []
@@ -136,20 +155,14 @@ def exchange_rank(rank: int, world: int, shapes: Sequence[Shape], iters: int, wa
         y = torch.randint(0, NUM_CLASSES, (b,), generator=g)
         buf = torch.empty((world * b, c, h, w), dtype=x.dtype)
         ybuf = torch.empty(world * b, dtype=y.dtype)
-
-        def params_of(batch: int) -> F.CutMixParams:  # what mix_batch_across_group draws for this batch
-            return F.sample_params(world * b, h, w, alpha=1.0,
-                                   generator=batch_generator(seed, batch, *group_stream_key(None)))
-
-        def ours(batch: int) -> tuple[Any, int]:
-            r = mix_batch_across_group(x, y, seed=seed, batch=batch, num_classes=NUM_CLASSES, inplace=True)
-            return r, r.bytes_sent
+        params_of, ours = _exchange_calls(x, y, world, seed)
 
         # Same work: both must give the same pixels and targets for the same batch index.
         batch0 = next(i for i in range(100) if params_of(i).lam < 1.0)
         ref = mix_batch_across_group(x.clone(), y, seed=seed, batch=batch0, num_classes=NUM_CLASSES, inplace=True)
         alt_x, alt_y = _allgather_mix(x.clone(), y, buf, ybuf, params_of(batch0), rank, world)
-        if ref.box != params_of(batch0).box or not torch.equal(ref.input, alt_x) or not torch.allclose(ref.target, alt_y):
+        if (ref.box != params_of(batch0).box or not torch.equal(ref.input, alt_x)
+                or not torch.allclose(ref.target, alt_y)):
             raise RuntimeError(f'rank {rank}: all-gather mixing differs from ours for shape {shape}; '
                                'the benchmark would compare different work')
 
@@ -179,7 +192,7 @@ def exchange_rank(rank: int, world: int, shapes: Sequence[Shape], iters: int, wa
         per_sample = _per_sample_rank(x, y, buf, ybuf, rank, world, iters, warmup, seed, handshake)
         out.append({'shape': list(shape), 'times_s': times, 'bytes': sent, 'box_share': box_share,
                     'per_sample': per_sample})
-        del x, buf
+        del x, buf, ours  # ours holds x too
     return out
 
 
@@ -213,7 +226,7 @@ def _combine_per_sample(per_rank: Sequence[dict[str, Any]]) -> dict[str, Any]:
     sent = {n: [v + r['handshake'] for r in per_rank for v in r['payload'][n]] for n in names}
     required = [v for r in per_rank for v in r['required']]
     payload = [v for r in per_rank for v in r['payload'][names[0]]]
-    ratios = [s / q for s, q in zip(sent[names[0]], required) if q]
+    ratios = [s / q for s, q in zip(sent[names[0]], required, strict=True) if q]
     return {
         'median_s': {n: median(v) for n, v in step.items()},
         'step_s': step,
@@ -224,7 +237,8 @@ def _combine_per_sample(per_rank: Sequence[dict[str, Any]]) -> dict[str, Any]:
         'bytes_ratio': sum(sent[names[0]]) / sum(required) if sum(required) else float('inf'),
         'bytes_ratio_max': max(ratios) if ratios else float('nan'),
         'mean_lam': {k: statistics.fmean(v) for k, v in first['mean_lam'].items()},
-        'max_lam_gap': max(abs(a - b) for a, b in zip(first['mean_lam']['per-sample'], first['mean_lam']['batch'])),
+        'max_lam_gap': max(abs(a - b)
+                           for a, b in zip(first['mean_lam']['per-sample'], first['mean_lam']['batch'], strict=True)),
     }
 
 
@@ -246,7 +260,8 @@ def exchange_markdown(rows: Sequence[dict[str, Any]], note: str = '') -> str:
           r['median_s']['allgather'] * 1e3, r['time_ratio'], r['bytes_per_rank']['ours'] / 1e6,
           r['bytes_per_rank']['allgather'] / 1e6, r['bytes_ratio']] for r in rows],
     )
-    parts = ['### The exchange: global mixing, median ms per step (slowest rank) and bytes each rank sends', note, table]
+    parts = ['### The exchange: global mixing, median ms per step (slowest rank) and bytes each rank sends', note,
+             table]
     ps_rows = [r for r in rows if r.get('per_sample')]
     if ps_rows:
         parts += ['### The exchange with per-sample boxes, against batch mode at the same mean λ', PS_INTRO,

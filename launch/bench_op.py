@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import statistics
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -121,7 +121,8 @@ def _pinned_timm(holder: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
 def _timm_elem_draw(p: F.PerSampleParams) -> dict[str, Any]:
     """``holder`` entries that pin timm's elem mode to the per-sample draw ``p`` (made before timing)."""
     lam = p.lam.numpy().astype(np.float32)
-    boxes = [(tuple(b), float(l)) for b, l, l32 in zip(p.boxes.tolist(), p.lam.tolist(), lam) if l32 != 1.0]
+    boxes = [(tuple(b), float(lam64)) for b, lam64, lam32 in zip(p.boxes.tolist(), p.lam.tolist(), lam, strict=True)
+             if lam32 != 1.0]
     return {'elem_lam': lam, 'elem_boxes': boxes}
 
 
@@ -249,7 +250,7 @@ def _run_per_sample(x: torch.Tensor, y: torch.Tensor, draws: Sequence[F.PerSampl
     def ours_batch(i: int) -> None:
         F.apply_cutmix(x, batch[i], inplace=True)
 
-    entries = dict(zip(PS_IMPLS, [ours, ours_targets, timm, ours_batch]))
+    entries = dict(zip(PS_IMPLS, [ours, ours_targets, timm, ours_batch], strict=True))
     samples, faults = time_round_robin(entries, iters, warmup, cuda=cuda)
     ours_s = samples['ours per-sample']
     used = slice(warmup, warmup + iters)
@@ -265,6 +266,48 @@ def _run_per_sample(x: torch.Tensor, y: torch.Tensor, draws: Sequence[F.PerSampl
         'mean_box_share': statistics.fmean(1.0 - float(p.lam.mean()) for p in ps[used]),
         'batch_box_share': statistics.fmean(1.0 - p.lam for p in batch[used]),
         'profile': _profile_ours(x, ps[used], max(3, min(iters, 20)), F.apply_cutmix_per_sample),
+    }
+
+
+def _op_entries(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor, draws: Sequence[F.CutMixParams],
+                holder: dict[str, Any], timm_mixup: Any, tv_cutmix: Any,
+                composer_cutmix_batch: Any) -> dict[str, Callable[[int], None]]:
+    """The timed calls of one shape and layout, by ``IMPLS`` name: call ``i`` works on ``x`` in place with
+    ``draws[i]`` (the floor copies its box from ``src``)."""
+    no_gen = torch.Generator()
+
+    def floor(i: int) -> None:
+        y0, y1, x0, x1 = draws[i].box
+        x[..., y0:y1, x0:x1].copy_(src[..., y0:y1, x0:x1])
+
+    def ours(i: int) -> None:
+        F.apply_cutmix(x, draws[i], inplace=True)
+
+    def ours_targets(i: int) -> None:
+        p = draws[i]
+        F.apply_cutmix(x, p, inplace=True)
+        F.mix_targets(y, y[p.indices], p.lam, p.box, kind='index', num_classes=NUM_CLASSES)
+
+    def ours_cutmix_batch(i: int) -> None:
+        p = draws[i]
+        F.cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices, generator=no_gen)
+
+    def composer(i: int) -> None:
+        p = draws[i]
+        composer_cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices)
+
+    def timm(i: int) -> None:
+        holder.update(box=draws[i].box, lam=draws[i].lam)
+        timm_mixup(x, y)
+
+    def torchvision(i: int) -> None:
+        holder.update(box=draws[i].box, lam=draws[i].lam)
+        tv_cutmix(x, y)
+
+    return {
+        'floor': floor, 'ours': ours, 'ours+targets': ours_targets,
+        'ours cutmix_batch': ours_cutmix_batch,
+        'composer': composer, 'timm': timm, 'torchvision': torchvision,
     }
 
 
@@ -320,41 +363,7 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
                 src = x.clone()  # the floor's source: same shape, dtype and layout
                 y = torch.randint(0, NUM_CLASSES, (n,), generator=g).to(dev)
                 _check_same_work(x, y, next(p for p in draws if p.lam < 1.0), timm_mixup, tv_cutmix, holder)
-                no_gen = torch.Generator()
-
-                def floor(i: int) -> None:
-                    y0, y1, x0, x1 = draws[i].box
-                    x[..., y0:y1, x0:x1].copy_(src[..., y0:y1, x0:x1])
-
-                def ours(i: int) -> None:
-                    F.apply_cutmix(x, draws[i], inplace=True)
-
-                def ours_targets(i: int) -> None:
-                    p = draws[i]
-                    F.apply_cutmix(x, p, inplace=True)
-                    F.mix_targets(y, y[p.indices], p.lam, p.box, kind='index', num_classes=NUM_CLASSES)
-
-                def ours_cutmix_batch(i: int) -> None:
-                    p = draws[i]
-                    F.cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices, generator=no_gen)
-
-                def composer(i: int) -> None:
-                    p = draws[i]
-                    composer_cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices)
-
-                def timm(i: int) -> None:
-                    holder.update(box=draws[i].box, lam=draws[i].lam)
-                    timm_mixup(x, y)
-
-                def torchvision(i: int) -> None:
-                    holder.update(box=draws[i].box, lam=draws[i].lam)
-                    tv_cutmix(x, y)
-
-                entries = {
-                    'floor': floor, 'ours': ours, 'ours+targets': ours_targets,
-                    'ours cutmix_batch': ours_cutmix_batch,
-                    'composer': composer, 'timm': timm, 'torchvision': torchvision,
-                }
+                entries = _op_entries(x, y, src, draws, holder, timm_mixup, tv_cutmix, composer_cutmix_batch)
                 samples, faults = time_round_robin(entries, n_iters, warmup, cuda=cuda)
                 ours_s = samples['ours']
                 ratio = {
@@ -377,11 +386,11 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
                     'faults_per_call': faults,
                     'ratio': ratio,
                     'mean_box_share': statistics.fmean(1.0 - p.lam for p in used),
-                    'floor_gbps': median([b / t / 1e9 for b, t in zip(moved, samples['floor']) if b]),
+                    'floor_gbps': median([b / t / 1e9 for b, t in zip(moved, samples['floor'], strict=True) if b]),
                     'profile': _profile_ours(x, used, max(3, min(n_iters, 20))),
                     'per_sample': _run_per_sample(x, y, ps_draws, n_iters, warmup, timm_elem, holder, cuda),
                 })
-                del x, src
+                del x, src, entries  # entries' calls hold x and src too
     return rows
 
 
@@ -420,11 +429,12 @@ def op_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return '\n\n'.join(parts)
 
 
-PS_INTRO = ('Every sample its own box and λ (Beta(1, 1)), the same draw for all three at each call: `ours per-sample` = '
-            '`apply_cutmix_per_sample(x, params, inplace=True)`; `timm elem` = `Mixup(mixup_alpha=0, cutmix_alpha=1, '
-            "mode='elem')` with each sample's box and λ pinned to ours (partner `x.flip(0)`), targets included; "
-            '`ours batch (mean area)` = `apply_cutmix(..., inplace=True)` with one centred box whose area is the mean '
-            'area of the per-sample boxes. `box share` = mean pasted share (per-sample / the batch box).')
+PS_INTRO = ('Every sample its own box and λ (Beta(1, 1)), the same draw for all three at each call: '
+            '`ours per-sample` = `apply_cutmix_per_sample(x, params, inplace=True)`; '
+            "`timm elem` = `Mixup(mixup_alpha=0, cutmix_alpha=1, mode='elem')` with each sample's box and λ pinned to "
+            'ours (partner `x.flip(0)`), targets included; `ours batch (mean area)` = '
+            '`apply_cutmix(..., inplace=True)` with one centred box whose area is the mean area of the per-sample '
+            'boxes. `box share` = mean pasted share (per-sample / the batch box).')
 
 
 def per_sample_markdown(rows: Sequence[dict[str, Any]]) -> str:

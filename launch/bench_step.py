@@ -38,7 +38,8 @@ def _make_net(model: str) -> torch.nn.Module:
         return torchvision.models.resnet18(num_classes=NUM_CLASSES)
     if model == 'tiny':
         nn = torch.nn
-        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, NUM_CLASSES))
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, NUM_CLASSES))
     raise ValueError(f"model must be 'resnet18' or 'tiny', got {model!r}")
 
 
@@ -62,7 +63,8 @@ def _step_rank(rank: int, world: int, mode: str, batch_size: int, batches: int, 
     from dist_cutmix import CutMix
 
     class StepTimer(Callback):
-        """``BEFORE_DATALOADER`` -> ``BATCH_END`` (the whole step, CutMix included) and ``BATCH_START`` -> ``BATCH_END``."""
+        """``BEFORE_DATALOADER`` -> ``BATCH_END`` (the whole step, CutMix included) and
+        ``BATCH_START`` -> ``BATCH_END``."""
 
         def __init__(self) -> None:
             self.step: list[float] = []
@@ -156,7 +158,7 @@ def _combine_step(mode: str, world: int, batch_size: int, model: str,
                   per_rank: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per variant. Per batch, the slowest rank (ranks wait for each other in DDP); shares from medians."""
     def slowest(runs: Sequence[dict[str, list[float]]], key: str) -> list[float]:
-        return [max(vals) for vals in zip(*(r[key] for r in runs))]
+        return [max(vals) for vals in zip(*(r[key] for r in runs), strict=True)]
 
     without = [r['without'] for r in per_rank]
     step_without, inner_without = slowest(without, 'step'), slowest(without, 'inner')
@@ -170,8 +172,8 @@ def _combine_step(mode: str, world: int, batch_size: int, model: str,
         mix = slowest(with_, 'mix')
         alternating = slowest([r['alternating'] for r in runs], 'step')
         batch = runs[0]['alternating']['batch']
-        plain = [t for t, b in zip(alternating, batch) if b % 2 == 0]
-        mixed = [t for t, b in zip(alternating, batch) if b % 2 == 1]
+        plain = [t for t, b in zip(alternating, batch, strict=True) if b % 2 == 0]
+        mixed = [t for t, b in zip(alternating, batch, strict=True) if b % 2 == 1]
         plain_median = median(plain)
         rows.append({
             'mode': mode, 'world': world, 'batch_per_rank': batch_size, 'model': model,
@@ -180,9 +182,10 @@ def _combine_step(mode: str, world: int, batch_size: int, model: str,
             'median_inner_s': {v: median(s) for v, s in inner.items()},
             'median_mix_s': median(mix),
             # (with - without) / without over neighbouring batches of one run: robust to slow load changes
-            'share': median([m - p for p, m in zip(plain, mixed)]) / plain_median,
+            'share': median([m - p for p, m in zip(plain, mixed, strict=True)]) / plain_median,
             # the same estimate on the run without CutMix (odd vs even batches): what noise alone gives
-            'null_share': median([b - a for a, b in zip(step['without'][0::2], step['without'][1::2])]) / base,
+            'null_share': median([b - a for a, b in zip(step['without'][0::2], step['without'][1::2],
+                                                         strict=True)]) / base,
             # the same over separate runs: exposed to the load of a shared machine
             'separate_runs_share': (median(step['with']) - base) / base,
             'direct_share': median(mix) / base,

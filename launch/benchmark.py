@@ -62,7 +62,8 @@ TARGETS = {
     'step_local': ('train step, local: (with - without) / without', '<', 0.02),
     'step_global': ('train step, global: (with - without) / without', '<', 0.10),
     'op_ps_vs_timm': ('op per-sample, every float32 row: timm elem time / ours per-sample (min)', '>=', 3.0),
-    'op_ps_vs_batch': ('op per-sample, every float32 row: ours per-sample / ours batch, same mean area (max)', '<=', 3.0),
+    'op_ps_vs_batch': ('op per-sample, every float32 row: ours per-sample / ours batch, same mean area (max)',
+                       '<=', 3.0),
     'exchange_ps_bytes': ('exchange per-sample W=4, every shape: |bytes sent / crops+labels that must cross - 1| (max)',
                           '<=', 0.05),
 }
@@ -137,7 +138,8 @@ def _targets_markdown(targets: Sequence[dict[str, Any]]) -> str:
     rows = []
     for t in targets:
         value = t['measured']
-        shown = 'not measured' if value is None else (f'{value:+.2%}' if t['key'].startswith('step') else f'{value:.3g}')
+        shown = ('not measured' if value is None
+                 else (f'{value:+.2%}' if t['key'].startswith('step') else f'{value:.3g}'))
         rows.append([t['what'], t['target'], shown, {None: '-', True: 'met', False: '**missed**'}[t['met']]])
     return '### Targets\n\n' + md_table(['target', 'wanted', 'measured', ''], rows)
 
@@ -148,7 +150,8 @@ def _launched_world() -> int:
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--part', choices=['op', 'exchange', 'step', 'all'], default='all', help='what to measure')
     p.add_argument('--quick', action='store_true', help='tiny sizes and few iterations (a smoke run)')
     p.add_argument('--iters', type=int, default=None,

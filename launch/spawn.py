@@ -145,7 +145,8 @@ def run_ranks(
             with open(path, 'rb') as f:
                 status, value = pickle.load(f)
         else:
-            status, value = 'error', f'no result (exit code {p.exitcode}{", killed after deadline" if rank in hung else ""})'
+            killed = ', killed after deadline' if rank in hung else ''
+            status, value = 'error', f'no result (exit code {p.exitcode}{killed})'
         if status == 'ok' and p.exitcode == 0:
             results.append(value)
         else:

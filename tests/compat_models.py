@@ -94,7 +94,8 @@ class LayoutDataset(Dataset):
 
 
 def _trunk(out: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, out))
+    return nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, out))
 
 
 class LayoutClassifier(ComposerClassifier):

@@ -172,7 +172,7 @@ def test_two_ranks_local_mode_partners_stay_on_the_rank(tmp_path):
                 assert set(partner_ids(x, box).tolist()) <= set(ids.tolist())  # same rank's samples only
             boxes.append((rank, b, params.box))
     # ranks draw differently: not every batch has the same box on both ranks
-    assert any(b0 != b1 for (_, _, b0), (_, _, b1) in zip(boxes[:3], boxes[3:]))
+    assert any(b0 != b1 for (_, _, b0), (_, _, b1) in zip(boxes[:3], boxes[3:], strict=True))
 
 
 def _resume_on_rank(rank, world, folder, mode, phase):
@@ -203,7 +203,8 @@ def _global_on_rank(rank, world, batch_size, mode, fsdp):
         from composer.utils.parallelism import FSDP2Config
 
         parallelism = {'fsdp': FSDP2Config()}
-    _, rec, mem = run_trainer([CutMix(mode=mode)], batch_size=batch_size, duration='3ba', parallelism_config=parallelism)
+    _, rec, mem = run_trainer([CutMix(mode=mode)], batch_size=batch_size, duration='3ba',
+                              parallelism_config=parallelism)
     return {
         'batches': {b: rec.whole(b, 'input') for b in rec.batches},
         'cross': [v for _, v in mem.data.get('cutmix/cross_rank_fraction', [])],
@@ -237,8 +238,8 @@ def test_global_mode_in_trainer_mixes_one_global_permutation(tmp_path, world, ba
         mixed_any = True
         assert sorted(partners.tolist()) == sorted(ids.tolist())  # one permutation of the global batch
         assert not (partners == ids).any()
-        id_to_rank = dict(zip(ids.tolist(), ranks.tolist()))
-        cross = sum(id_to_rank[p] != r for p, r in zip(partners.tolist(), ranks.tolist()))
+        id_to_rank = dict(zip(ids.tolist(), ranks.tolist(), strict=True))
+        cross = sum(id_to_rank[p] != r for p, r in zip(partners.tolist(), ranks.tolist(), strict=True))
         assert results[0]['cross'][b] == pytest.approx(cross / n)
         cross_total += cross
     assert mixed_any
@@ -256,7 +257,7 @@ def test_node_mode_keeps_partners_inside_each_node(tmp_path):
     results = run_ranks(_global_on_rank, world, tmp_path, batch_size, 'node', False, per_rank_env=node_env)
     assert [r['local_world'] for r in results] == [2] * 4
     crossed_ranks = False
-    for b, (ids, partners, ranks) in enumerate(_partners_by_batch(results, world, batch_size)):
+    for b, (ids, _partners, ranks) in enumerate(_partners_by_batch(results, world, batch_size)):
         for node in (0, 1):
             sel = (ranks // 2) == node
             node_ids = ids[sel]
@@ -269,7 +270,7 @@ def test_node_mode_keeps_partners_inside_each_node(tmp_path):
             assert sorted(node_partners.tolist()) == sorted(node_ids.tolist())
             first_rank_ids = set(node_ids[:batch_size].tolist())
             crossed_ranks |= any((p in first_rank_ids) != (i in first_rank_ids)
-                                 for p, i in zip(node_partners.tolist(), node_ids.tolist()))
+                                 for p, i in zip(node_partners.tolist(), node_ids.tolist(), strict=True))
     assert crossed_ranks  # partners do cross ranks, within the node
 
 

@@ -108,7 +108,7 @@ def test_quick_run_reports_every_part(tmp_path, capsys, keep_threads):
         assert len(r['step_s']['with']) == len(r['step_s']['without']) == 2
         assert len(r['alternating_s']['plain']) == len(r['alternating_s']['mixed']) == 2
         assert math.isfinite(r['separate_runs_share']) and math.isfinite(r['null_share'])
-    for default, inplace in zip(report['step'][0::2], report['step'][1::2]):  # the runs without are shared
+    for default, inplace in zip(report['step'][0::2], report['step'][1::2], strict=True):  # the runs without are shared
         assert default['step_s']['without'] == inplace['step_s']['without']
         assert default['alternating_s'] != inplace['alternating_s']
     assert '| local | inplace=True |' in printed and '| global | default (copy) |' in printed
@@ -172,7 +172,7 @@ def test_required_bytes_counts_each_crossing_crop_once():
     params = bench_op.F.sample_params_per_sample(world * b, h, w, alpha=1.0, generator=g)
     for rank in range(world):
         expect = 0
-        for i, (j, (y0, y1, x0, x1)) in enumerate(zip(params.indices.tolist(), params.boxes.tolist())):
+        for i, (j, (y0, y1, x0, x1)) in enumerate(zip(params.indices.tolist(), params.boxes.tolist(), strict=True)):
             if j // b == rank != i // b:
                 expect += c * (y1 - y0) * (x1 - x0) * 4 + 8
         assert bench_exchange.required_bytes(params, rank, b, c, 4, 8) == expect
@@ -251,7 +251,8 @@ def test_memory_on_cpu_measures_what_the_formula_says(tmp_path, capsys):
     assert {v: r['between_steps_bytes'] for v, r in rows.items()} == {
         'without': big_b, 'CutMix()': 2 * big_b, 'CutMix(inplace=True)': big_b, 'CutMix(inplace=False)': 2 * big_b}
     printed = capsys.readouterr().out
-    assert '### Device memory with microbatching (cpu)' in printed and '| CutMix(inplace=True) | 0.00614 | 2B |' in printed
+    assert '### Device memory with microbatching (cpu)' in printed
+    assert '| CutMix(inplace=True) | 0.00614 | 2B |' in printed
 
 
 def test_memory_counts_distinct_storages_of_input_shaped_tensors():

@@ -5,8 +5,9 @@ numpy arrays yields ``torch.as_tensor`` aliases of them, a dataset of cached ten
 tensors themselves, and a dataset already on the device is left where it is by the trainer's device
 move. Each kind of dataset below goes through a real Composer ``Trainer`` run of 3 epochs with the
 default ``CutMix()`` (``inplace=None``), in mode 'local' on one rank (this process) and in mode
-'global' on 2 spawned gloo ranks (one spawn trains every kind in turn), and its stored data must afterwards be bit for bit what a deep copy taken before
-training holds. Every run must also show that mixing happened (a logged ``cutmix/lambda`` below 1
+'global' on 2 spawned gloo ranks (one spawn trains every kind in turn), and its stored data must
+afterwards be bit for bit what a deep copy taken before training holds. Every run must also show
+that mixing happened (a logged ``cutmix/lambda`` below 1
 and batches the model saw that are none of the stored batches), so no test passes by not mixing.
 ``CutMix(inplace=True)`` is the user's promise that the batch is theirs: on cached tensors it does
 overwrite them, which the last test documents.

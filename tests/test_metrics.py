@@ -252,7 +252,8 @@ def test_prepare_replaces_micro_accuracy_and_wraps_other_classification_metrics(
 
 def test_prepare_without_wrapping_raises_naming_metric_and_fix() -> None:
     metrics = {'train_f1': MulticlassF1Score(num_classes=3), 'ours': SoftTargetAccuracy(num_classes=3)}
-    with pytest.raises(ValueError, match=r"'train_f1' \(MulticlassF1Score\).*SoftTargetWrapper.*wrap_train_metrics=True"):
+    with pytest.raises(ValueError,
+                       match=r"'train_f1' \(MulticlassF1Score\).*SoftTargetWrapper.*wrap_train_metrics=True"):
         prepare_train_metrics(metrics, wrap=False)
     fine = {'ours': SoftTargetAccuracy(num_classes=3), 'wrapped': SoftTargetWrapper(MulticlassF1Score(num_classes=3))}
     assert prepare_train_metrics(fine, wrap=False) == fine
@@ -341,7 +342,8 @@ def _train(num_batches: int, wrap: bool = True) -> tuple[Any, list[tuple[Tensor,
         torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
         torch.nn.Linear(8, 4),
     )
-    train_metrics = [MulticlassAccuracy(num_classes=4, average='micro'), MulticlassF1Score(num_classes=4, average='macro')]
+    train_metrics = [MulticlassAccuracy(num_classes=4, average='micro'),
+                     MulticlassF1Score(num_classes=4, average='macro')]
     from torchmetrics import MetricCollection
 
     model = ComposerClassifier(net, num_classes=4, train_metrics=MetricCollection(train_metrics))

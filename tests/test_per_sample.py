@@ -78,7 +78,8 @@ def test_local_targets_use_each_samples_own_lambda(kind):
     n, h, w = 9, 7, 9
     x = torch.rand(n, 3, h, w, generator=g)
     y = {'index': torch.randint(0, K, (n,), generator=g), 'soft': torch.softmax(torch.randn(n, K, generator=g), 1),
-         'binary': torch.randint(0, 2, (n,), generator=g).float(), 'dense': torch.randint(0, K, (n, h, w), generator=g)}[kind]
+         'binary': torch.randint(0, 2, (n,), generator=g).float(),
+         'dense': torch.randint(0, K, (n, h, w), generator=g)}[kind]
     r = mix_batch_local(x, y, seed=3, batch=4, num_classes=K, per_sample=True)
     params = F.sample_params_per_sample(n, h, w, generator=batch_generator(3, 4, 'local', 0))
     assert torch.equal(r.input, _reference(x, params)) and torch.equal(r.lam, params.lam)
@@ -87,7 +88,8 @@ def test_local_targets_use_each_samples_own_lambda(kind):
         assert torch.equal(r.target, _reference(y[:, None], params)[:, 0])
     elif kind == 'index':
         eye = torch.eye(K)
-        torch.testing.assert_close(r.target, wgt[:, None].float() * eye[y] + (1 - wgt[:, None].float()) * eye[y[params.indices]])
+        torch.testing.assert_close(r.target,
+                                   wgt[:, None].float() * eye[y] + (1 - wgt[:, None].float()) * eye[y[params.indices]])
         assert float(r.target.sum()) == n
     else:
         col = wgt.float() if kind == 'binary' else wgt[:, None].float()
@@ -133,7 +135,7 @@ def test_w_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, world):
     }[world]
     results = run_ranks(_global_on_rank, world, tmp_path, cases)
     for c, (sizes, kind, channels_last, dtype) in enumerate(cases):
-        xs, ys = zip(*(_rank_data(r, n, kind, channels_last, dtype) for r, n in enumerate(sizes)))
+        xs, ys = zip(*(_rank_data(r, n, kind, channels_last, dtype) for r, n in enumerate(sizes)), strict=True)
         x_all, y_all = torch.cat(xs), torch.cat(ys)
         single = mix_batch_across_group(x_all, y_all, seed=3, batch=5, num_classes=K, per_sample=True)
         params = F.sample_params_per_sample(sum(sizes), 9, 11, generator=batch_generator(3, 5, 'group', 0))
@@ -174,7 +176,8 @@ def test_trainer_mixes_per_sample_and_resumes_bit_for_bit(tmp_path, mode):
         if mode == 'global':
             params = F.sample_params_per_sample(8, 8, 8, generator=batch_generator(17, b, 'group', 0))
         else:
-            parts = [F.sample_params_per_sample(4, 8, 8, generator=batch_generator(17, b, 'local', r)) for r in range(2)]
+            parts = [F.sample_params_per_sample(4, 8, 8, generator=batch_generator(17, b, 'local', r))
+                     for r in range(2)]
             params = F.PerSampleParams(boxes=torch.cat([p.boxes for p in parts]), lam=torch.cat([p.lam for p in parts]),
                                        indices=torch.cat([parts[0].indices, parts[1].indices + 4]))
         assert torch.equal(mixed, _reference(x, params))
