@@ -520,7 +520,7 @@ def gather_box_pixels(tensor: Tensor, rows: Tensor, boxes: Tensor) -> Tensor:
         return selected.masked_select(mask)
     out = x.new_empty(int(_areas(boxes).sum()) * x.shape[1])
     offset = 0
-    for j, (y0, y1, x0, x1) in zip(rows.tolist(), boxes.tolist()):
+    for j, (y0, y1, x0, x1) in zip(rows.tolist(), boxes.tolist(), strict=True):
         n = max(y1 - y0, 0) * max(x1 - x0, 0) * x.shape[1]
         if n:  # straight into the packed buffer: one copy per crop
             out[offset:offset + n].view(x.shape[1], y1 - y0, x1 - x0).copy_(x[j, :, y0:y1, x0:x1])
@@ -545,7 +545,7 @@ def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor
         x.index_copy_(0, rows, region)
         return tensor
     areas = (_areas(boxes) * x.shape[1]).tolist()
-    for i, (y0, y1, x0, x1), crop in zip(rows.tolist(), boxes.tolist(), pixels.split(areas)):
+    for i, (y0, y1, x0, x1), crop in zip(rows.tolist(), boxes.tolist(), pixels.split(areas), strict=True):
         if crop.numel():
             x[i, :, y0:y1, x0:x1] = crop.view(x.shape[1], y1 - y0, x1 - x0)
     return tensor
@@ -564,7 +564,7 @@ def apply_cutmix_per_sample(input: Tensor, params: PerSampleParams, *, inplace: 
         return _blend_boxes(input, params.indices, params.boxes, input if inplace else None)
     if not inplace:
         out = input.clone()
-        for i, j, (y0, y1, x0, x1) in zip(range(len(out)), params.indices.tolist(), params.boxes.tolist()):
+        for i, j, (y0, y1, x0, x1) in zip(range(len(out)), params.indices.tolist(), params.boxes.tolist(), strict=True):
             out[i, :, y0:y1, x0:x1] = input[j, :, y0:y1, x0:x1]
         return out
     _paste_along_cycles(input, params.indices.tolist(), params.boxes.tolist())

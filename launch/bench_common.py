@@ -51,7 +51,7 @@ def median(values: Sequence[float]) -> float:
 
 def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
     """Median of per-iteration ratios: both ran on the same box, back to back."""
-    return median([a / b for a, b in zip(num, den) if b > 0])
+    return median([a / b for a, b in zip(num, den, strict=True) if b > 0])
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

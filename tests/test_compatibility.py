@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as TF
 
 from tests.compat_models import (
-    H, LAYOUTS, MODELS, N, NUM_CLASSES, TARGETS, W, make_data, reference_partners, table_on_rank,
+    LAYOUTS,
+    MODELS,
+    NUM_CLASSES,
+    TARGETS,
+    H,
+    N,
+    W,
+    make_data,
+    reference_partners,
+    table_on_rank,
 )
 from tests.spawn import run_ranks
 

@@ -456,14 +456,14 @@ def expected_on_ranks(mode: str, case: Case) -> list[dict[str, Any]]:
     """What each rank must return: for global, one CPU process mixing the concatenated batch (no process group),
     split at the ranks' bounds; for node (one rank a node), each rank's batch mixed alone with its node's draw."""
     batch = first_mixing_batch(sum(case.sizes), 'group', 0)
-    xs, ys = zip(*(rank_batch(case, rank) for rank in range(2)))
+    xs, ys = zip(*(rank_batch(case, rank) for rank in range(2)), strict=True)
     if mode == 'node':
         return [mix_alone(xs[rank], ys[rank], batch, rank) for rank in range(2)]
     single = mix_batch_across_group(torch.cat(xs), torch.cat(ys), seed=SEED, batch=batch, num_classes=K)
     assert single.lam < 1.0
     return [{'input': i, 'target': t, 'partner_target': p, 'lam': single.lam, 'box': single.box}
             for i, t, p in zip(*(getattr(single, name).split(list(case.sizes))
-                                 for name in ('input', 'target', 'partner_target')))]
+                                 for name in ('input', 'target', 'partner_target')), strict=True)]
 
 
 def check_group_results(mode: str, out: list[dict[str, Any]], device: str) -> None:

@@ -60,7 +60,7 @@ def test_w_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, sizes, ki
     world = len(sizes)
     results = run_ranks(_mix_on_rank, world, tmp_path, sizes, kind, mix_target, False)
 
-    xs, ys = zip(*(_rank_data(r, n, kind) for r, n in enumerate(sizes)))
+    xs, ys = zip(*(_rank_data(r, n, kind) for r, n in enumerate(sizes)), strict=True)
     x_all, y_all = torch.cat(xs), torch.cat(ys)
     # 1) the same function in one process, no process group: the definition of global mode
     single = mix_batch_across_group(x_all, y_all, seed=SEED, batch=BATCH, num_classes=K, mix_target=mix_target)
@@ -98,7 +98,7 @@ def test_w_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, sizes, ki
 def test_channels_last_crops_arrive_intact(tmp_path):
     sizes = [3, 4]
     results = run_ranks(_mix_on_rank, 2, tmp_path, sizes, 'index', True, True)
-    xs, ys = zip(*(_rank_data(r, n, 'index') for r, n in enumerate(sizes)))
+    xs, ys = zip(*(_rank_data(r, n, 'index') for r, n in enumerate(sizes)), strict=True)
     single = mix_batch_across_group(torch.cat(xs), torch.cat(ys), seed=SEED, batch=BATCH, num_classes=K)
     torch.testing.assert_close(torch.cat([r['input'] for r in results]), single.input, rtol=0, atol=0)
     assert all(r['channels_last'] for r in results)
@@ -229,7 +229,7 @@ def test_one_image_per_rank_with_an_odd_crop_area(tmp_path):
         return (y1 - y0) * (x1 - x0) % 2 == 1
     batch = next(b for b in range(200) if odd(b))
     results = run_ranks(_mix_on_rank, 2, tmp_path, [1, 1], 'index', True, False, batch)
-    xs, ys = zip(*(_rank_data(r, 1, 'index') for r in range(2)))
+    xs, ys = zip(*(_rank_data(r, 1, 'index') for r in range(2)), strict=True)
     single = mix_batch_across_group(torch.cat(xs), torch.cat(ys), seed=SEED, batch=batch, num_classes=K)
     torch.testing.assert_close(torch.cat([r['input'] for r in results]), single.input, rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([r['target'] for r in results]), single.target, rtol=0, atol=0)
