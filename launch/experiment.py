@@ -88,9 +88,11 @@ def run_configurations(rank: int, world_size: int, args: argparse.Namespace) -> 
         summary = train.main(_train_args(args, config))
         results.append(summary)
         if rank == 0:
-            print(f'[launch/experiment] {i + 1}/{len(configs)} mode={config["mode"]:<6} batch/rank={config["batch_size"]} '
+            print(f'[launch/experiment] {i + 1}/{len(configs)} mode={config["mode"]:<6} '
+                  f'batch/rank={config["batch_size"]} '
                   f'seed={config["seed"]}: eval accuracy {summary["eval_accuracy"]:.4f} '
-                  f'({summary["samples_seen"]} samples, {summary["batches"]} steps, {summary["wall_s"]:.1f} s)', flush=True)
+                  f'({summary["samples_seen"]} samples, {summary["batches"]} steps, {summary["wall_s"]:.1f} s)',
+                  flush=True)
             _write(args, results, world_size, done=False)
     if rank == 0:
         _write(args, results, world_size, done=True)
@@ -102,7 +104,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def markdown_table(results: list[dict[str, Any]], world_size: int) -> str:
-    """One row per (per-rank batch, mode): eval accuracy mean ± std over seeds, the paired gap to no CutMix, and the rest.
+    """One row per (per-rank batch, mode): eval accuracy mean ± std over seeds, the paired gap to no CutMix, the rest.
 
     The gap pairs runs of the same seed (same initial weights and data order) and batch size.
     """
@@ -130,6 +132,7 @@ def markdown_table(results: list[dict[str, Any]], world_size: int) -> str:
 
 def _write(args: argparse.Namespace, results: list[dict[str, Any]], world_size: int, done: bool) -> None:
     import composer
+
     import dist_cutmix
 
     out = Path(args.out)
@@ -167,7 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         # Otherwise drop_last would drop a different number of samples per batch size.
         raise ValueError(
             f'--train-samples must be a multiple of world size x batch size so that every configuration sees the '
-            f'same samples, got --train-samples={args.train_samples}, --world-size={args.world_size}, batch sizes {uneven}',
+            f'same samples, got --train-samples={args.train_samples}, --world-size={args.world_size}, '
+            f'batch sizes {uneven}',
         )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -213,7 +213,7 @@ def run_configurations(rank: int, world_size: int, args: argparse.Namespace) -> 
         per_rank: list[Any] = [None] * world_size
         torch_dist.all_gather_object(per_rank, summary['series']['cutmix_lambda'])
         lam_rank0 = per_rank[0]
-        lam = [statistics.fmean(step) for step in zip(*per_rank)] if lam_rank0 else []
+        lam = [statistics.fmean(step) for step in zip(*per_rank, strict=True)] if lam_rank0 else []
         loss = summary['series']['loss']
         results.append({
             **config, 'loss': loss, 'lambda': lam, 'lambda_rank0': lam_rank0,

@@ -80,7 +80,8 @@ def load_mnist(data_seed: int = 0, train_samples: Optional[int] = None,
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(NUM_CLASSES)]
     train_idx = _interleave_classes([p[:TRAIN_PER_CLASS] for p in per_class])
     eval_idx = _interleave_classes([p[TRAIN_PER_CLASS:TRAIN_PER_CLASS + EVAL_PER_CLASS] for p in per_class])
-    for name, n, full in (('train_samples', train_samples, len(train_idx)), ('eval_samples', eval_samples, len(eval_idx))):
+    sizes = (('train_samples', train_samples, len(train_idx)), ('eval_samples', eval_samples, len(eval_idx)))
+    for name, n, full in sizes:
         if n is not None and not 1 <= n <= full:
             raise ValueError(f'{name} must be between 1 and {full}, got {name}={n}')
     train_idx, eval_idx = train_idx[:train_samples], eval_idx[:eval_samples]
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument('--mode', choices=MODES, default='global',
-                   help="CutMix mixing: 'none' (no CutMix), within each rank, across all ranks, or across a node's ranks")
+                   help="CutMix mixing: 'none' (no CutMix), within each rank, across all ranks, "
+                        "or across a node's ranks")
     p.add_argument('--alpha', type=float, default=1.0, help='Beta(alpha, alpha) concentration of the kept share')
     p.add_argument('--per-sample', action='store_true',
                    help='give every sample its own λ and box (CutMix(per_sample=True)) instead of one per batch')
@@ -321,7 +323,8 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series:
     try:
         trainer.fit()
         state = trainer.state
-        eval_curve = [(int(t.epoch), int(t.batch), float(v)) for t, v in history.data.get('metrics/eval/MulticlassAccuracy', [])]
+        eval_curve = [(int(t.epoch), int(t.batch), float(v))
+                      for t, v in history.data.get('metrics/eval/MulticlassAccuracy', [])]
         summary: dict[str, Any] = {
             'eval_accuracy': _last(history.data, 'metrics/eval/MulticlassAccuracy'),
             # Expected accuracy on the (mixed) training batches of the last epoch.

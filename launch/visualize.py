@@ -116,7 +116,8 @@ def draw_grid(records: list[dict[str, Any]], out: str, dpi: int = 110) -> Path:
                 y0, y1, x0, x1 = (int(v) for v in rec['box'][i]) if per_sample else rec['box']
                 lam = float(rec['lam'][i]) if per_sample else rec['lam']
                 # imshow puts pixel (y, x) at [x - .5, x + .5]: the box covers rows y0..y1-1, columns x0..x1-1.
-                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor='red', linewidth=2))
+                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor='red',
+                                       linewidth=2))
                 p, j = int(rec['partner_rank'][i]), int(rec['partner_index'][i])
                 soft = rec['target'][i]
                 top = torch.argsort(soft, descending=True)[:2]

@@ -36,7 +36,8 @@ def _env() -> dict[str, str]:
 
 def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f'{" ".join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}'
+    assert proc.returncode == 0, (f'{" ".join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n'
+                                  f'--- stderr\n{proc.stderr[-5000:]}')
     return proc
 
 
