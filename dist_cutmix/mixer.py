@@ -45,6 +45,7 @@ class MixResult:
         cross_rank_fraction: share of the whole (group) batch whose partner is on another rank.
         bytes_sent: bytes this rank sent to other ranks.
         kind: the target kind (see :func:`dist_cutmix.functional.target_kind`).
+        pool_lam: with ``per_sample=True`` across a group, every sample's λ of the group's batch.
     """
 
     input: Tensor
@@ -57,6 +58,7 @@ class MixResult:
     cross_rank_fraction: float = 0.0
     bytes_sent: int = 0
     kind: str = 'index'
+    pool_lam: Optional[Tensor] = None
 
     @property
     def label_lam(self) -> F.LamLike:
@@ -65,10 +67,13 @@ class MixResult:
 
     @property
     def mean_label_lam(self) -> float:
-        """``label_lam``, averaged over the samples when there is one per sample (what is logged)."""
+        """The label weight averaged over the whole mixing pool (what ``cutmix/lambda`` logs): the one
+        weight in batch mode; with ``per_sample=True`` the mean over the group's global batch (every
+        rank drew every sample's λ, so every rank logs the same number) or the local batch."""
+        if self.pool_lam is not None:
+            return float(F.label_lambda(self.pool_lam).mean()) if self.pool_lam.numel() else 1.0
         lam = self.label_lam
-        return (float(lam.mean()) if isinstance(lam, Tensor) and lam.numel()
-                else (1.0 if isinstance(lam, Tensor) else lam))
+        return float(lam.mean()) if isinstance(lam, Tensor) else lam
 
 
 def _kind_and_problem(
@@ -299,5 +304,5 @@ def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.Pe
     return MixResult(
         input=mixed, target=mixed_target, partner_target=partner_target, lam=lam, box=boxes,
         partner_rank=partner_rank, partner_index=partner_index, cross_rank_fraction=cross, bytes_sent=bytes_sent,
-        kind=kind,
+        kind=kind, pool_lam=params.lam,
     )

@@ -195,3 +195,16 @@ def test_trainer_mixes_per_sample_and_resumes_bit_for_bit(tmp_path, mode):
 def test_interpolate_loss_with_per_sample_is_refused_naming_the_fix():
     with pytest.raises(ValueError, match='use interpolate_loss=False.*got per_sample=True with interpolate_loss=True'):
         CutMix(per_sample=True, interpolate_loss=True)
+
+
+def _logged_on_rank(rank, world):
+    _, _, mem = run_trainer([CutMix(mode='global', per_sample=True)], batch_size=4, duration='2ba')
+    return [v for _, v in mem.data['cutmix/lambda']]
+
+
+def test_global_per_sample_logs_the_global_batch_mean_on_every_rank(tmp_path):
+    logged = run_ranks(_logged_on_rank, 2, tmp_path)
+    assert logged[0] == logged[1]
+    for b in range(2):
+        params = F.sample_params_per_sample(8, 8, 8, generator=batch_generator(17, b, 'group', 0))
+        assert logged[0][b] == pytest.approx(float(_weight(params.lam).mean()))
