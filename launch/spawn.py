@@ -1,11 +1,13 @@
-"""Run a function on W real gloo ranks of this machine, each in its own subprocess.
+"""Run a function on W real ranks of this machine (gloo, or NCCL on GPUs), each in its own subprocess.
 
 The one spawner of this repository: the benchmark's exchange and step parts use it, and so do the
 tests (``tests/spawn.py`` adds what only tests want). Ranks meet through a ``FileStore`` in a
-folder of the caller's (no ports to collide on) and start from a ``forkserver`` with torch and
-Composer preloaded (about 0.1 s a rank instead of seconds of imports). A rank's traceback travels
-back to the caller; a rank that fails, hangs or never starts raises there. Nothing here falls back
-to one process.
+folder of the caller's (no ports to collide on) and by default start from a ``forkserver`` with
+torch and Composer preloaded (about 0.1 s a rank instead of seconds of imports). CUDA ranks
+(``backend='nccl'``) start from fresh ``spawn`` interpreters instead, one GPU each: the forkserver
+has imported torch with CPU state and must not hand it to a process that initialises CUDA. A
+rank's traceback travels back to the caller; a rank that fails, hangs or never starts raises there.
+Nothing here falls back to one process.
 """
 from __future__ import annotations
 
@@ -34,6 +36,20 @@ def answer_cpuinfo_from_constant() -> None:
     cpuinfo.get_cpu_info = lambda: {'brand_raw': 'cpu', 'count': os.cpu_count()}
 
 
+def _check_on_host(value: Any, where: str = 'result') -> None:
+    """Raise if ``value`` holds a tensor off the CPU: the caller must read results without a GPU context."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.device.type != 'cpu':
+        raise TypeError(f'{where} is a {value.device} tensor; return CPU tensors')
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_on_host(v, f'{where}[{k!r}]')
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_on_host(v, f'{where}[{i}]')
+
+
 def _child(
     fn: Callable[..., Any],
     rank: int,
@@ -44,6 +60,7 @@ def _child(
     setup: Optional[Callable[[], None]],
     args: tuple[Any, ...],
     collective_timeout_s: float,
+    backend: str,
 ) -> None:
     os.environ.update(env)
     os.environ.update({
@@ -59,13 +76,22 @@ def _child(
 
     torch.set_num_threads(threads)
     try:
+        if backend == 'nccl':
+            if not torch.cuda.device_count():
+                raise RuntimeError("backend='nccl' needs a CUDA GPU; torch sees none in this rank")
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         if setup is not None:
             setup()
         store = dist.FileStore(str(Path(workdir) / 'store'), world_size)
         dist.init_process_group(
-            'gloo', store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout_s),
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout_s),
         )
-        payload = ('ok', fn(rank, world_size, *args))
+        result = fn(rank, world_size, *args)
+        if backend == 'nccl':
+            _check_on_host(result)
+            # NCCL collectives run asynchronously on the GPU: no rank leaves while a peer may still be in one.
+            dist.barrier()
+        payload = ('ok', result)
     except BaseException:  # noqa: BLE001 - the caller raises it with the rank attached
         payload = ('error', traceback.format_exc())
     with open(Path(workdir) / f'rank{rank}.result', 'wb') as f:
@@ -86,8 +112,10 @@ def run_ranks(
     per_rank_env: Optional[Callable[[int], dict[str, str]]] = None,
     setup: Optional[Callable[[], None]] = None,
     error: type[Exception] = RuntimeError,
+    backend: str = 'gloo',
+    start_method: str = 'forkserver',
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks of one process group; return each rank's result.
 
     Args:
         fn: the rank's body; importable (module level), as are ``args``, ``setup`` and ``per_rank_env``.
@@ -102,11 +130,26 @@ def run_ranks(
         per_rank_env: more variables, per rank.
         setup: called in every rank before it joins the group.
         error: the exception type raised on failure.
+        backend: the process group's backend, ``'gloo'`` or ``'nccl'``. With ``'nccl'`` rank ``r``
+            first takes GPU ``r % torch.cuda.device_count()`` as its device, must return CPU tensors
+            only (the caller reads results without a GPU context), and meets its peers at a barrier
+            before it exits. A group of one serves a Composer ``Trainer`` on ``device='gpu'`` as the
+            group it would make itself (Composer keeps a group whose backend is its device's).
+        start_method: ``'forkserver'`` (the preloaded server, fast) or ``'spawn'`` (a fresh
+            interpreter a rank, as CUDA needs; ``'nccl'`` requires it).
 
     Raises:
         ``error``, carrying every failing rank's traceback, when any rank raises, exits non-zero,
         or runs past ``deadline_s``.
+        ValueError: an unknown ``backend`` or ``start_method``, or ``'nccl'`` from the forkserver.
     """
+    if backend not in ('gloo', 'nccl'):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', not {backend!r}")
+    if start_method not in ('forkserver', 'spawn'):
+        raise ValueError(f"start_method must be 'forkserver' or 'spawn', not {start_method!r}")
+    if backend == 'nccl' and start_method != 'spawn':
+        raise ValueError("backend='nccl' needs start_method='spawn': a CUDA rank must start from a fresh interpreter")
+    context = FORKSERVER if start_method == 'forkserver' else mp.get_context('spawn')
     workdir = Path(workdir) / f'ranks-{time.monotonic_ns()}'
     workdir.mkdir(parents=True)
     procs = []
@@ -114,9 +157,9 @@ def run_ranks(
         rank_env = dict(env or {})
         if per_rank_env is not None:
             rank_env.update(per_rank_env(rank))
-        p = FORKSERVER.Process(
+        p = context.Process(
             target=_child,
-            args=(fn, rank, world_size, str(workdir), rank_env, threads, setup, args, collective_timeout_s),
+            args=(fn, rank, world_size, str(workdir), rank_env, threads, setup, args, collective_timeout_s, backend),
             daemon=True,
         )
         p.start()

@@ -1,22 +1,19 @@
 """CUDA and NCCL: the op on a GPU equals the CPU op bit for bit, makes no avoidable host sync, runs in a
 one-GPU Composer Trainer under bf16 autocast, and mixes over two NCCL ranks as one CPU process does.
 
-Skipped without a CUDA GPU (the NCCL tests without two). The Trainer and NCCL tests run in fresh
-``spawn`` interpreters of their own (:func:`run_processes`): Composer refuses a second backend in a
-process that already holds a process group, and ``tests/spawn.py`` speaks gloo only. Every helper
-takes its device, so the same checks run on the CPU (and over gloo) where no GPU is.
+Skipped without a CUDA GPU (the NCCL tests without two). The Trainer and NCCL tests run on NCCL ranks in
+fresh ``spawn`` interpreters (:func:`tests.spawn.run_nccl_ranks`): CUDA must not start in the pytest
+process or in a rank forked from torch's CPU state, and Composer refuses a second backend in a process
+that already holds a process group. Every helper takes its device, so the same checks run on the CPU
+(and over gloo) where no GPU is.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import pickle
-import time
 import traceback
 import warnings
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import pytest
 import torch
@@ -32,6 +29,7 @@ from dist_cutmix import functional as F
 from dist_cutmix._random import batch_generator
 from dist_cutmix.distributed import node_group
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
+from tests.spawn import run_nccl_ranks
 
 SEED, N, C, H, W, K = 1234, 6, 3, 9, 7, 5  # 9x7 images: a non-dyadic pixel share
 
@@ -230,84 +228,6 @@ def test_mix_batch_local_on_cuda_host_syncs(kind: str, bound: int) -> None:
                          f'mix_batch_local({kind} targets)')
 
 
-# ----------------------------------------------------------------------------- spawned processes
-
-
-def _check_on_host(value: Any, where: str = 'result') -> None:
-    """Raise if ``value`` holds a tensor off the CPU: the parent must read results without a GPU context."""
-    if isinstance(value, Tensor) and value.device.type != 'cpu':
-        raise TypeError(f'{where} is a {value.device} tensor; return CPU tensors')
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_on_host(v, f'{where}[{k!r}]')
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_on_host(v, f'{where}[{i}]')
-
-
-def _child(fn: Callable[..., Any], rank: int, world_size: int, workdir: str, backend: Optional[str],
-           timeout_s: float, args: tuple[Any, ...]) -> None:
-    os.environ.update({'RANK': str(rank), 'WORLD_SIZE': str(world_size), 'LOCAL_RANK': str(rank),
-                       'LOCAL_WORLD_SIZE': str(world_size), 'NODE_RANK': '0'})
-    try:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(rank)
-        if backend is not None:
-            store = dist.FileStore(str(Path(workdir) / 'store'), world_size)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                    timeout=timedelta(seconds=timeout_s))
-        result = fn(rank, world_size, *args)
-        _check_on_host(result)
-        if backend is not None:
-            dist.barrier()  # no rank leaves while a peer may still be in a collective with it
-        payload, ok = pickle.dumps(('ok', result)), True
-    except BaseException:  # noqa: BLE001 - the parent raises it with the rank attached
-        payload, ok = pickle.dumps(('error', traceback.format_exc())), False
-    (Path(workdir) / f'rank{rank}.result').write_bytes(payload)
-    os._exit(0 if ok else 1)  # skip teardown: a live process group can hang it
-
-
-def run_processes(fn: Callable[..., Any], world_size: int, workdir: str | os.PathLike[str], *args: Any,
-                  backend: Optional[str], deadline_s: float = 300.0, timeout_s: float = 60.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh ``spawn`` interpreters, rank ``r`` on GPU ``r``.
-
-    With ``backend`` the ranks first join a process group over a ``FileStore`` in ``workdir``; without,
-    ``fn`` sets up what it needs (a Composer Trainer makes its own). A rank that raises, exits non-zero
-    or outlives ``deadline_s`` fails the test with every failing rank's traceback; nothing falls back to
-    one process. ``fn`` must be importable and return CPU tensors only.
-    """
-    workdir = Path(workdir) / f'procs-{time.monotonic_ns()}'
-    workdir.mkdir(parents=True)
-    context = mp.get_context('spawn')
-    procs = [context.Process(target=_child, args=(fn, rank, world_size, str(workdir), backend, timeout_s, args),
-                             daemon=True) for rank in range(world_size)]
-    for p in procs:
-        p.start()
-    stop_at = time.monotonic() + deadline_s
-    while any(p.is_alive() for p in procs) and time.monotonic() < stop_at:
-        if any(p.exitcode not in (None, 0) for p in procs):
-            stop_at = min(stop_at, time.monotonic() + 15.0)  # a failed rank's peers get a moment to report
-        time.sleep(0.05)
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-        p.join()
-    results, errors = [], []
-    for rank, p in enumerate(procs):
-        path = workdir / f'rank{rank}.result'
-        status, value = pickle.loads(path.read_bytes()) if path.exists() else (
-            'error', f'no result (exit code {p.exitcode}{", killed at the deadline" if rank in hung else ""})')
-        if status == 'ok' and p.exitcode == 0:
-            results.append(value)
-        else:
-            errors.append(f'--- rank {rank} (exit code {p.exitcode}) ---\n{value}')
-    if errors:
-        raise AssertionError(f'{len(errors)} of {world_size} processes failed running {fn.__name__}:\n'
-                             + '\n'.join(errors))
-    return results
-
-
 # ----------------------------------------------------------------------------- 3. one-GPU Trainer
 
 TRAIN_N, TRAIN_BATCH, TRAIN_BATCHES, CLASSES = 24, 6, 3, 4
@@ -396,7 +316,8 @@ def check_trainer_runs(runs: dict[str, dict[int, dict[str, Any]]], device_type: 
 
 @needs_cuda
 def test_one_gpu_trainer_in_bf16_mixes_as_the_cpu_reference(tmp_path: Path) -> None:
-    [runs] = run_processes(train_on_rank, 1, tmp_path, ('local', 'global', 'node'), 'gpu', 'amp_bf16', backend=None)
+    # One NCCL rank: the Trainer takes the group of one run_nccl_ranks made as the one it would make itself.
+    [runs] = run_nccl_ranks(train_on_rank, 1, tmp_path, ('local', 'global', 'node'), 'gpu', 'amp_bf16')
     check_trainer_runs(runs, 'cuda', 'torch.bfloat16')
 
 
@@ -481,5 +402,5 @@ def check_group_results(mode: str, out: list[dict[str, Any]], device: str) -> No
 @needs_two_gpus
 @pytest.mark.parametrize('mode', ['global', 'node'])
 def test_two_nccl_ranks_mix_as_one_cpu_process(tmp_path: Path, mode: str) -> None:
-    out = run_processes(mix_on_rank, 2, tmp_path, mode, GROUP_CASES, 'cuda', backend='nccl')
+    out = run_nccl_ranks(mix_on_rank, 2, tmp_path, mode, GROUP_CASES, 'cuda')
     check_group_results(mode, out, 'cuda')

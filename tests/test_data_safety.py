@@ -13,18 +13,12 @@ and batches the model saw that are none of the stored batches), so no test passe
 overwrite them, which the last test documents.
 
 The pinned and CUDA-resident kinds need a CUDA GPU (global mode: two, over NCCL) and are skipped,
-with the reason, where there is none; they run in fresh interpreters (see ``run_fresh``).
+with the reason, where there is none; they run on NCCL ranks in fresh interpreters
+(:func:`tests.spawn.run_nccl_ranks`).
 """
 from __future__ import annotations
 
 import copy
-import multiprocessing as mp
-import os
-import pickle
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,8 +30,7 @@ from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset
 
 from dist_cutmix import CutMix
-from launch.spawn import answer_cpuinfo_from_constant
-from tests.spawn import run_ranks
+from tests.spawn import run_nccl_ranks, run_ranks
 from tests.trainer_utils import Recorder, make_dataset, make_model
 
 N, BATCH, EPOCHS = 24, 6, 3
@@ -217,58 +210,16 @@ def _no_cpuinfo_probe(monkeypatch):
     monkeypatch.setattr(cpuinfo, 'get_cpu_info', lambda: {'brand_raw': 'cpu', 'count': 1})
 
 
-# ---------------------------------------------------------------------------- CUDA kinds: fresh interpreters
+# ---------------------------------------------------------------------------- spawned ranks
 # Composer keeps the process group of the first Trainer of a process and refuses another backend, so a
-# 'gpu' Trainer (nccl) cannot run in this pytest process once a 'cpu' one (gloo) has, nor in the gloo
-# ranks of tests/spawn.py. The CUDA kinds run in fresh 'spawn' interpreters: one rank, where Composer
-# makes its own single-rank nccl group, or two nccl ranks, one GPU each.
+# 'gpu' Trainer (nccl) cannot run in this pytest process once a 'cpu' one (gloo) has, nor in gloo ranks.
+# The CPU kinds' global mode runs on 2 gloo ranks; the CUDA kinds run on NCCL ranks in fresh 'spawn'
+# interpreters: one rank, whose NCCL group of one the Trainer takes as the one it would make itself, or
+# two, one GPU each. Each spawn trains every kind of its list in turn.
 
 
-def _fresh_child(rank: int, world: int, workdir: str, backend: str, kinds: list[str], mode: str) -> None:
-    os.environ.update({'RANK': str(rank), 'WORLD_SIZE': str(world), 'LOCAL_RANK': str(rank),
-                       'LOCAL_WORLD_SIZE': str(world), 'NODE_RANK': '0'})
-    try:
-        answer_cpuinfo_from_constant()
-        if world > 1:
-            if backend == 'nccl':
-                torch.cuda.set_device(rank)
-            store = torch.distributed.FileStore(os.path.join(workdir, 'store'), world)
-            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world,
-                                                 timeout=timedelta(seconds=30))
-        payload = ('ok', [train_and_check(kind, mode) for kind in kinds])
-    except BaseException:  # noqa: BLE001 - the parent raises it with the rank attached
-        payload = ('error', traceback.format_exc())
-    with open(os.path.join(workdir, f'rank{rank}.result'), 'wb') as f:
-        pickle.dump(payload, f)
-    os._exit(0 if payload[0] == 'ok' else 1)
-
-
-def run_fresh(world: int, workdir: Path, backend: str, kinds: list[str], mode: str,
-              deadline_s: float = 300.0) -> list[list[dict[str, Any]]]:
-    """``train_and_check`` of every kind in ``world`` fresh interpreters; each rank's reports."""
-    context = mp.get_context('spawn')
-    procs = [context.Process(target=_fresh_child, args=(r, world, str(workdir), backend, kinds, mode), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    stop_at = time.monotonic() + deadline_s
-    for p in procs:
-        p.join(max(0.0, stop_at - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    results, errors = [], []
-    for r, p in enumerate(procs):
-        path = workdir / f'rank{r}.result'
-        status, value = pickle.loads(path.read_bytes()) if path.exists() else ('error', f'no result, exit {p.exitcode}')
-        if status == 'ok':
-            results.append(value)
-        else:
-            errors.append(f'--- rank {r} (exit code {p.exitcode}) ---\n{value}')
-    if errors:
-        raise AssertionError(f'{len(errors)} of {world} fresh processes failed:\n' + '\n'.join(errors))
-    return results
+def _every_kind_on_rank(rank: int, world: int, kinds: list[str], mode: str) -> list[dict[str, Any]]:
+    return [train_and_check(kind, mode) for kind in kinds]
 
 
 def _by_kind(per_rank: list[list[dict[str, Any]]], kinds: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -277,12 +228,14 @@ def _by_kind(per_rank: list[list[dict[str, Any]]], kinds: list[str]) -> dict[str
 
 @pytest.fixture(scope='module')
 def cuda_local_results(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
-    return _by_kind(run_fresh(1, tmp_path_factory.mktemp('cuda_local'), 'nccl', CUDA_KINDS, 'local'), CUDA_KINDS)
+    tmp = tmp_path_factory.mktemp('cuda_local')
+    return _by_kind(run_nccl_ranks(_every_kind_on_rank, 1, tmp, CUDA_KINDS, 'local'), CUDA_KINDS)
 
 
 @pytest.fixture(scope='module')
 def cuda_global_results(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
-    return _by_kind(run_fresh(2, tmp_path_factory.mktemp('cuda_global'), 'nccl', CUDA_KINDS, 'global'), CUDA_KINDS)
+    tmp = tmp_path_factory.mktemp('cuda_global')
+    return _by_kind(run_nccl_ranks(_every_kind_on_rank, 2, tmp, CUDA_KINDS, 'global'), CUDA_KINDS)
 
 
 def _skip_unavailable(kind: str, mode: str) -> None:
@@ -310,14 +263,11 @@ def test_local_mode_leaves_the_dataset_bit_for_bit(kind, request):
 # ---------------------------------------------------------------------------- global: 2 spawned ranks
 
 
-def _every_kind_on_rank(rank: int, world: int, kinds: list[str]) -> list[dict[str, Any]]:
-    return [train_and_check(kind, 'global') for kind in kinds]
-
-
 @pytest.fixture(scope='module')
 def global_results(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
     """One spawn of 2 gloo ranks that trains every CPU kind in turn; kind -> each rank's report."""
-    return _by_kind(run_ranks(_every_kind_on_rank, 2, tmp_path_factory.mktemp('global'), CPU_KINDS), CPU_KINDS)
+    tmp = tmp_path_factory.mktemp('global')
+    return _by_kind(run_ranks(_every_kind_on_rank, 2, tmp, CPU_KINDS, 'global'), CPU_KINDS)
 
 
 @pytest.mark.parametrize('kind', list(KINDS))
