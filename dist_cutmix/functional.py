@@ -28,6 +28,7 @@ __all__ = [
     'gather_box_pixels',
     'paste_box_pixels',
     'sample_params_per_sample',
+    'box_areas',
     'box_from_composer',
     'box_lambda',
     'box_to_composer',
@@ -423,11 +424,14 @@ class PerSampleParams:
     indices: Tensor
 
 
+def box_areas(boxes: Tensor) -> Tensor:
+    """The area of each ``(y0, y1, x0, x1)`` box of a ``(K, 4)`` tensor (an inverted box has none)."""
+    return (boxes[:, 1] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 2]).clamp(min=0)
+
+
 def boxes_lambda(boxes: Tensor, height: int, width: int) -> Tensor:
     """Each box's exact kept share ``1 - area / (height * width)`` as float64."""
-    y0, y1, x0, x1 = boxes.unbind(-1)
-    area = (y1 - y0).clamp(min=0) * (x1 - x0).clamp(min=0)
-    return 1.0 - area.to(torch.float64) / max(height * width, 1)
+    return 1.0 - box_areas(boxes).to(torch.float64) / max(height * width, 1)
 
 
 def sample_params_per_sample(
@@ -518,18 +522,14 @@ def gather_box_pixels(tensor: Tensor, rows: Tensor, boxes: Tensor) -> Tensor:
         # a mask expanded to the full shape: masked_select over a broadcast mask is several times slower
         mask = _box_masks(boxes, x.shape[-2], x.shape[-1], x.device).expand(selected.shape).contiguous()
         return selected.masked_select(mask)
-    out = x.new_empty(int(_areas(boxes).sum()) * x.shape[1])
+    sizes = (box_areas(boxes) * x.shape[1]).tolist()
+    out = x.new_empty(sum(sizes))
     offset = 0
-    for j, (y0, y1, x0, x1) in zip(rows.tolist(), boxes.tolist(), strict=True):
-        n = max(y1 - y0, 0) * max(x1 - x0, 0) * x.shape[1]
+    for j, (y0, y1, x0, x1), n in zip(rows.tolist(), boxes.tolist(), sizes, strict=True):
         if n:  # straight into the packed buffer: one copy per crop
             out[offset:offset + n].view(x.shape[1], y1 - y0, x1 - x0).copy_(x[j, :, y0:y1, x0:x1])
         offset += n
     return out
-
-
-def _areas(boxes: Tensor) -> Tensor:
-    return (boxes[:, 1] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 2]).clamp(min=0)
 
 
 def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor) -> Tensor:
@@ -544,7 +544,7 @@ def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor
         region.masked_scatter_(mask, pixels)
         x.index_copy_(0, rows, region)
         return tensor
-    areas = (_areas(boxes) * x.shape[1]).tolist()
+    areas = (box_areas(boxes) * x.shape[1]).tolist()
     for i, (y0, y1, x0, x1), crop in zip(rows.tolist(), boxes.tolist(), pixels.split(areas), strict=True):
         if crop.numel():
             x[i, :, y0:y1, x0:x1] = crop.view(x.shape[1], y1 - y0, x1 - x0)

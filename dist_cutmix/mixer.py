@@ -119,44 +119,23 @@ def mix_batch_local(
     if problem is not None:
         raise problem
     n, _, h, w = input.shape
-    if per_sample:
-        return _mix_local_per_sample(input, target, kind, seed=seed, batch=batch, rank=rank, alpha=alpha,
-                                     uniform_sampling=uniform_sampling, exclude_self=exclude_self,
-                                     num_classes=num_classes, mix_target=mix_target, inplace=inplace)
-    params = F.sample_params(
-        n, h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
-        generator=batch_generator(seed, batch, 'local', rank),
-    )
-    if n < 2:  # nothing to mix with: leave the batch as it is
-        params = F.CutMixParams(box=(0, 0, 0, 0), lam=1.0, indices=params.indices)
-    mixed = F.apply_cutmix(input, params, inplace=inplace)
-    partner_target = target[params.indices.to(target.device, non_blocking=True)]
-    mixed_target = F.mix_targets(target, partner_target, params.lam, params.box, kind=kind, num_classes=num_classes,
-                                 validate=False) \
-        if mix_target else target
-    return MixResult(
-        input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=params.box,
-        partner_rank=torch.full((n,), rank), partner_index=params.indices, kind=kind,
-    )
-
-
-def _mix_local_per_sample(input: Tensor, target: Tensor, kind: str, *, seed: int, batch: int, rank: int,
-                          alpha: float, uniform_sampling: bool, exclude_self: bool, num_classes: Optional[int],
-                          mix_target: bool, inplace: bool) -> MixResult:
-    n, _, h, w = input.shape
-    params = F.sample_params_per_sample(
+    draw, apply, mix = (F.sample_params_per_sample, F.apply_cutmix_per_sample, F.mix_targets_per_sample) \
+        if per_sample else (F.sample_params, F.apply_cutmix, F.mix_targets)
+    params = draw(
         n, h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
         generator=batch_generator(seed, batch, 'local', rank),
     )
     if n < 2:  # nothing to mix with: leave the batch as it is
         params = F.PerSampleParams(boxes=torch.zeros_like(params.boxes), lam=torch.ones_like(params.lam),
-                                   indices=params.indices)
-    mixed = F.apply_cutmix_per_sample(input, params, inplace=inplace)
+                                   indices=params.indices) if per_sample \
+            else F.CutMixParams(box=(0, 0, 0, 0), lam=1.0, indices=params.indices)
+    box = params.boxes if per_sample else params.box
+    mixed = apply(input, params, inplace=inplace)
     partner_target = target[params.indices.to(target.device, non_blocking=True)]
-    mixed_target = F.mix_targets_per_sample(target, partner_target, params.lam, params.boxes, kind=kind,
-                                            num_classes=num_classes, validate=False) if mix_target else target
+    mixed_target = mix(target, partner_target, params.lam, box, kind=kind, num_classes=num_classes, validate=False) \
+        if mix_target else target
     return MixResult(
-        input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=params.boxes,
+        input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=box,
         partner_rank=torch.full((n,), rank), partner_index=params.indices, kind=kind,
     )
 
@@ -269,12 +248,12 @@ def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.Pe
     t4 = F._as_4d(target) if dense else target
     pixels = F.gather_box_pixels(input, plan.send_order, send_boxes)
     labels = F.gather_box_pixels(target, plan.send_order, send_boxes) if dense \
-        else target.index_select(0, plan.send_order.to(target.device)).reshape(-1)
+        else target.index_select(0, plan.send_order.to(target.device, non_blocking=True)).reshape(-1)
 
     def numel_by_rank(rows_boxes: Tensor, ranks: Tensor, per_pixel: int) -> list[int]:
         """Elements each rank's rows take: every row's box area times the elements per pixel."""
-        area = (rows_boxes[:, 1] - rows_boxes[:, 0]).clamp(min=0) * (rows_boxes[:, 3] - rows_boxes[:, 2]).clamp(min=0)
-        return torch.bincount(ranks, weights=(area * per_pixel).double(), minlength=world).long().tolist()
+        weights = (F.box_areas(rows_boxes) * per_pixel).double()
+        return torch.bincount(ranks, weights=weights, minlength=world).long().tolist()
 
     # sent rows are grouped by destination rank; received rows arrive grouped by source rank
     dest_rank = torch.repeat_interleave(torch.arange(world), torch.tensor(plan.send_counts))

@@ -51,7 +51,7 @@ def required_bytes(params: F.PerSampleParams, rank: int, batch: int, channels: i
     owner = torch.arange(n) // batch
     partner_owner = params.indices // batch
     boxes = params.boxes
-    area = (boxes[:, 1] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 2]).clamp(min=0)
+    area = F.box_areas(boxes)
     crossing = (partner_owner == rank) & (owner != rank)
     return int((area[crossing] * channels * elem + label).sum())
 

@@ -131,7 +131,7 @@ def _mean_area_box(boxes: torch.Tensor, height: int, width: int) -> F.Box:
 
     Its height is within 2 rows of the aspect-true side, so it is as square as the batch boxes are.
     """
-    area = float(((boxes[:, 1] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 2]).clamp(min=0)).double().mean())
+    area = float(F.box_areas(boxes).double().mean())
     side = min(round((area * height / width) ** 0.5), height)
     candidates = [(bh, min(width, round(area / bh)) if bh else 0)
                   for bh in range(max(side - 2, 0), min(side + 2, height) + 1)]
