@@ -22,13 +22,32 @@ import torch
 
 from launch.spawn import run_ranks
 
-__all__ = ['NUM_CLASSES', 'Shape', 'environment', 'md_table', 'median', 'paired_ratio', 'parse_shapes', 'shape_str',
-           'spawn_ranks', 'time_round_robin']
+__all__ = ['DEVICES', 'NUM_CLASSES', 'Shape', 'check_device', 'environment', 'md_table', 'median', 'paired_ratio',
+           'parse_shapes', 'shape_str', 'spawn_ranks', 'time_round_robin']
 
 Shape = tuple[int, int, int, int]
 
 NUM_CLASSES = 10
 
+
+DEVICES = ('cpu', 'cuda')
+
+
+def check_device(device: str, tool: str) -> torch.device:
+    """``cpu``, or ``cuda`` where CUDA is available; otherwise a clear error, before anything runs.
+
+    Raises:
+        ValueError: for another device.
+        RuntimeError: for ``cuda`` without CUDA, naming ``tool`` and ``--device cuda``.
+    """
+    if device not in DEVICES:
+        raise ValueError(f'device must be one of {DEVICES}, got {device!r}')
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError(
+            f'{tool} --device cuda: CUDA is not available here (torch.cuda.is_available() is False; torch '
+            f'{torch.__version__}, built for CUDA {torch.version.cuda}). Run it on a machine with a GPU, or use '
+            '--device cpu.')
+    return torch.device(device)
 
 def shape_str(shape: Sequence[int]) -> str:
     return 'x'.join(map(str, shape))

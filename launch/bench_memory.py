@@ -65,11 +65,19 @@ if str(_ROOT) not in sys.path:  # run from a checkout that is not installed
 
 import torch  # noqa: E402
 
-from launch.bench_common import NUM_CLASSES, Shape, environment, md_table, parse_shapes, shape_str  # noqa: E402
+from launch.bench_common import (  # noqa: E402
+    DEVICES,
+    NUM_CLASSES,
+    Shape,
+    environment,
+    md_table,
+    parse_shapes,
+    shape_str,
+)
+from launch.bench_common import check_device as common_check_device  # noqa: E402
 
 __all__ = ['VARIANTS', 'check_device', 'input_bytes_alive', 'main', 'measure', 'memory_markdown', 'predicted_bytes']
 
-DEVICES = ('cpu', 'cuda')
 # Row name -> (with CutMix, its inplace argument); 'without' trains with no algorithm.
 VARIANTS: dict[str, tuple[bool, Optional[bool]]] = {
     'without': (False, None), 'CutMix()': (True, None), 'CutMix(inplace=True)': (True, True),
@@ -78,15 +86,8 @@ VARIANTS: dict[str, tuple[bool, Optional[bool]]] = {
 
 
 def check_device(device: str) -> torch.device:
-    """``cpu``, or ``cuda`` where CUDA is available; otherwise a clear error before anything runs."""
-    if device not in DEVICES:
-        raise ValueError(f'device must be one of {DEVICES}, got {device!r}')
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError(
-            f'bench_memory --device cuda: CUDA is not available here (torch.cuda.is_available() is False; torch '
-            f'{torch.__version__}, built for CUDA {torch.version.cuda}). Run it on a machine with a GPU, or use '
-            '--device cpu.')
-    return torch.device(device)
+    """``cpu``, or ``cuda`` where CUDA is available (see :func:`bench_common.check_device`)."""
+    return common_check_device(device, 'bench_memory')
 
 
 def input_bytes_alive(device_type: str, sample_shape: Sequence[int], dtype: torch.dtype,

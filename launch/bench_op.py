@@ -31,7 +31,17 @@ import numpy as np
 import torch
 
 from dist_cutmix import functional as F
-from launch.bench_common import NUM_CLASSES, Shape, md_table, median, paired_ratio, shape_str, time_round_robin
+from launch.bench_common import (
+    DEVICES,
+    NUM_CLASSES,
+    Shape,
+    md_table,
+    median,
+    paired_ratio,
+    shape_str,
+    time_round_robin,
+)
+from launch.bench_common import check_device as common_check_device
 
 __all__ = ['DEVICES', 'LAYOUTS', 'PS_IMPLS', 'check_device', 'op_markdown', 'per_sample_markdown', 'run_op']
 
@@ -40,7 +50,6 @@ LAYOUTS: dict[str, tuple[torch.dtype, bool]] = {  # name -> (dtype, channels_las
     'bfloat16': (torch.bfloat16, False),
     'channels_last': (torch.float32, True),
 }
-DEVICES = ('cpu', 'cuda')
 
 SMALL_BATCH_ELEMENTS = 1_000_000  # batches up to this many elements get SMALL_BATCH_ITERS x the iterations
 SMALL_BATCH_ITERS = 4
@@ -51,20 +60,8 @@ PS_IMPLS = ['ours per-sample', 'ours per-sample+targets', 'timm elem', 'ours bat
 
 
 def check_device(device: str) -> torch.device:
-    """The op part's device: ``cpu``, or ``cuda`` where CUDA is available.
-
-    Raises:
-        ValueError: for another device.
-        RuntimeError: for ``cuda`` without CUDA, naming ``--device cuda``.
-    """
-    if device not in DEVICES:
-        raise ValueError(f'device must be one of {DEVICES}, got {device!r}')
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError(
-            f'--device cuda: CUDA is not available here (torch.cuda.is_available() is False; torch '
-            f'{torch.__version__}, built for CUDA {torch.version.cuda}). Run the op part on a machine with a GPU, '
-            'or leave out --device (default cpu).')
-    return torch.device(device)
+    """The op part's device: ``cpu``, or ``cuda`` where CUDA is available (see :func:`bench_common.check_device`)."""
+    return common_check_device(device, 'the op part')
 
 
 def _draw_params(n: int, h: int, w: int, count: int, seed: int, device: torch.device) -> list[F.CutMixParams]:
