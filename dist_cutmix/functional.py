@@ -24,7 +24,12 @@ __all__ = [
     'PerSampleParams',
     'apply_cutmix',
     'apply_cutmix_per_sample',
+    'blend',
+    'boxes_for_lambda',
     'boxes_lambda',
+    'apply_mix',
+    'mixup_batch',
+    'validate_binary',
     'gather_box_pixels',
     'paste_box_pixels',
     'sample_params_per_sample',
@@ -67,11 +72,15 @@ class CutMixParams:
         box: ``(y0, y1, x0, x1)``, already clipped to the image.
         lam: share of each image that stays its own: ``1 - box area / (H * W)``.
         indices: ``indices[i]`` is the partner whose box region sample ``i`` receives.
+        weight: the partner's weight inside the box: 1 pastes (CutMix); below 1 blends
+            ``(1 - weight) * own + weight * partner`` there (MixUp: the whole image at ``1 - λ``).
+            ``lam`` is then ``1 - weight * box area / (H * W)``.
     """
 
     box: Box
     lam: float
     indices: Tensor
+    weight: float = 1.0
 
 
 # ----------------------------------------------------------------------------- validation
@@ -317,24 +326,85 @@ def gather_crops(tensor: Tensor, indices: Tensor, box: Box) -> Tensor:
     return torch.index_select(tensor[..., y0:y1, x0:x1], 0, indices)
 
 
-def paste_crops(tensor: Tensor, crops: Tensor, box: Box, *, inplace: bool = False) -> Tensor:
-    """Write ``crops`` into the box region of ``tensor`` (a copy unless ``inplace``); dtype and layout are kept."""
+def paste_crops(tensor: Tensor, crops: Tensor, box: Box, *, inplace: bool = False, weight: float = 1.0) -> Tensor:
+    """Write ``crops`` into the box region of ``tensor`` (a copy unless ``inplace``); dtype and layout are kept.
+
+    With ``weight < 1`` the region becomes ``blend(region, crops, weight)`` instead (MixUp's whole image).
+    """
     out = tensor if inplace else tensor.clone()  # clone keeps channels_last (preserve_format)
-    if not _box_is_empty(box) and tensor.shape[0]:
+    if not _box_is_empty(box) and tensor.shape[0] and weight > 0:
         y0, y1, x0, x1 = box
-        out[..., y0:y1, x0:x1] = crops
+        region = out[..., y0:y1, x0:x1]
+        region.copy_(crops if weight == 1 else blend(region, crops, weight))
     return out
 
 
 def apply_cutmix(input: Tensor, params: CutMixParams, *, inplace: bool = False) -> Tensor:
-    """Paste each sample's partner crop into its box region.
+    """Paste each sample's partner crop into its box region (or blend it there, for ``params.weight < 1``).
 
     Only the box region is read from the partners and written: with ``inplace=True`` the
     whole batch is never copied.
     """
-    if _box_is_empty(params.box) or input.shape[0] == 0:
+    if _box_is_empty(params.box) or input.shape[0] == 0 or params.weight == 0:
         return input if inplace else input.clone()
+    if params.weight != 1:
+        return _apply_blend(input, params, inplace=inplace)
     return paste_crops(input, gather_crops(input, params.indices, params.box), params.box, inplace=inplace)
+
+
+def apply_mix(input: Tensor, params: Union[CutMixParams, 'PerSampleParams'], *, inplace: bool = False) -> Tensor:
+    """Apply any drawn mix (one for the batch, or one per sample): :func:`apply_cutmix` or its per-sample form."""
+    if isinstance(params, PerSampleParams):
+        return apply_cutmix_per_sample(input, params, inplace=inplace)
+    return apply_cutmix(input, params, inplace=inplace)
+
+
+def _apply_blend(input: Tensor, params: CutMixParams, *, inplace: bool) -> Tensor:
+    """One weight and region for the batch, below 1: blend each sample's region with its partner's."""
+    n = input.shape[0]
+    if not _use_masks(input):  # a row at a time: each row's operands stay in cache (CPU, larger images)
+        boxes = [list(params.box)] * n
+        if inplace:
+            _paste_along_cycles(input, params.indices.tolist(), boxes, [params.weight] * n)
+            return input
+        out = torch.empty_like(input)
+        y0, y1, x0, x1 = params.box
+        full = params.box == (0, input.shape[-2], 0, input.shape[-1])
+        for i, j in enumerate(params.indices.tolist()):
+            if not full:
+                out[i].copy_(input[i])
+            out[i, ..., y0:y1, x0:x1] = blend(input[i, ..., y0:y1, x0:x1], input[j, ..., y0:y1, x0:x1], params.weight)
+        return out
+    return paste_crops(input, gather_crops(input, params.indices, params.box), params.box, inplace=inplace,
+                       weight=params.weight)
+
+
+def blend(own: Tensor, partner: Tensor, weight: LamLike) -> Tensor:
+    """``(1 - weight) * own + weight * partner`` as a new tensor of ``own``'s dtype.
+
+    float32 and float64 compute as Composer's ``mixup_batch`` and timm's ``Mixup`` do (two products
+    and a sum, each rounded), so the same weight gives their pixels bit for bit; bfloat16 and float16
+    compute in float32 and round once; integer images (uint8) compute in float32 and round to the
+    nearest integer, ties to even, as timm's collate mixup (``np.rint``) does. ``weight`` is a number
+    or one weight per row (a ``(N,)`` tensor).
+    """
+    compute = own.dtype if own.dtype in (torch.float32, torch.float64) else torch.float32
+    a = own if own.dtype == compute else own.to(compute)
+    b = partner if partner.dtype == compute else partner.to(compute)
+    if isinstance(weight, Tensor):
+        w = weight.to(torch.float64)
+        shape = (-1,) + (1,) * (own.ndim - 1)
+        # converted on the host, then one copy each: the weights are exact in float32 (a 2**-10 grid)
+        keep = (1.0 - w).to(compute).reshape(shape).to(own.device, non_blocking=True)
+        take = w.to(compute).reshape(shape).to(own.device, non_blocking=True)
+        mixed = a * keep + b * take
+    else:
+        mixed = a * (1.0 - weight) + b * weight
+    if mixed.dtype == own.dtype:
+        return mixed
+    if not own.is_floating_point():
+        mixed = mixed.round_()
+    return mixed.to(own.dtype)
 
 
 def mix_targets(
@@ -346,6 +416,8 @@ def mix_targets(
     kind: str,
     num_classes: Optional[int] = None,
     validate: bool = True,
+    smoothing: float = 0.0,
+    weight: float = 1.0,
 ) -> Tensor:
     """Mix each target with its partner's.
 
@@ -359,20 +431,28 @@ def mix_targets(
         num_classes: number of classes, required for index targets.
         validate: check that index targets lie in ``[0, num_classes)`` (a device sync on CUDA);
             ``False`` where the caller has checked them already.
+        smoothing: label smoothing ``ε``: class targets become ``(1 - ε) * mixed + ε / C``.
+        weight: for dense targets, the partner's weight inside the box (below 1 blends float maps).
 
     Returns:
-        Dense targets with the partner box pasted; otherwise ``l * own + (1 - l) * partner`` with
-        the label weight ``l = label_lambda(lam)`` (index targets become one-hot first, as float32),
-        so one-hot rows sum to exactly 1.
+        Dense targets with the partner box pasted (or blended); otherwise ``l * own + (1 - l) * partner``
+        with the label weight ``l = label_lambda(lam)`` (index targets become one-hot first, as float32),
+        so one-hot rows sum to exactly 1; then smoothed.
 
     Raises:
-        ValueError: if index targets lack ``num_classes`` or fall outside ``[0, num_classes)``.
+        ValueError: if index targets lack ``num_classes`` or fall outside ``[0, num_classes)``, or for
+            smoothing of targets without a class axis.
     """
+    if smoothing and kind in ('dense', 'binary'):
+        raise ValueError(
+            f'label_smoothing spreads ε over a class axis: it takes index (N,) or soft (N, C) targets, '
+            f'got {kind} targets of shape {tuple(target.shape)} with label_smoothing={smoothing}',
+        )
     if kind == 'dense':
         y0, y1, x0, x1 = box
         if partner.shape[-2:] == target.shape[-2:] and not _box_is_empty(box):
             partner = partner[..., y0:y1, x0:x1]
-        return paste_crops(target, partner, box)
+        return paste_crops(target, partner, box, weight=_dense_weight(target, weight))
     if kind == 'index':
         if num_classes is None:
             raise ValueError('num_classes is required to mix index targets, got num_classes=None')
@@ -384,10 +464,39 @@ def mix_targets(
         own, other = target, partner.to(target.dtype)
         if not own.is_floating_point():
             own, other = own.float(), other.float()
-    weight = label_lambda(lam)
-    if isinstance(weight, Tensor):  # one weight per sample, broadcast over the class axis
-        weight = weight.to(own.device, own.dtype).reshape(-1, *([1] * (own.ndim - 1)))
-    return own * weight + other * (1.0 - weight)
+    keep = label_lambda(lam)
+    if isinstance(keep, Tensor):  # one weight per sample, broadcast over the class axis
+        keep = keep.to(own.dtype).reshape(-1, *([1] * (own.ndim - 1))).to(own.device, non_blocking=True)
+    mixed = own * keep + other * (1.0 - keep)
+    if smoothing:
+        mixed = mixed * (1.0 - smoothing) + smoothing / mixed.shape[1]
+    return mixed
+
+
+def _dense_weight(target: Tensor, weight: float) -> float:
+    """A dense target's blend weight; class-index maps cannot be blended."""
+    if weight not in (0, 1) and not target.is_floating_point():
+        raise ValueError(
+            f'MixUp blends dense targets only as floating maps (N, C, H, W) of class probabilities; got {target.dtype} '
+            f'class-index maps of shape {tuple(target.shape)}, which would need the class count to become soft. '
+            f'Use CutMix for index maps (it pastes them), or pass one-hot float maps',
+        )
+    return weight
+
+
+def validate_binary(target: Tensor) -> None:
+    """Raise unless floating ``(N,)`` targets, mixed as binary probabilities, lie in ``[0, 1]`` (one sync at most).
+
+    Floating class indices (``3.0``) would otherwise mix into meaningless numbers (``3.0`` and ``1.0`` into
+    ``1.875``) and fail later in the loss.
+    """
+    if target.numel():
+        low, high = (float(v) for v in torch.stack(torch.aminmax(target.detach())).tolist())
+        if not (0 <= low and high <= 1):  # NaN fails too
+            raise ValueError(
+                f'floating targets of shape (N,) are mixed as binary probabilities in [0, 1], got values in '
+                f'[{low}, {high}]; class indices must be an integer tensor: pass target.long()',
+            )
 
 
 def check_labels(labels: Tensor, num_classes: int) -> None:
@@ -417,11 +526,19 @@ class PerSampleParams:
         boxes: ``(N, 4)`` int64 ``(y0, y1, x0, x1)`` per sample, clipped to the image.
         lam: ``(N,)`` float64, each sample's exact kept pixel share ``1 - area_i / (H * W)``.
         indices: ``indices[i]`` is the partner whose pixels inside ``boxes[i]`` sample ``i`` receives.
+        weights: ``(N,)`` float64, each partner's weight inside its box (see :class:`CutMixParams`);
+            ``None`` means 1 everywhere (CutMix).
     """
 
     boxes: Tensor
     lam: Tensor
     indices: Tensor
+    weights: Optional[Tensor] = None
+
+    @property
+    def pastes_only(self) -> bool:
+        """True when every nonempty box is pasted at weight 1 (plain CutMix): no blending needed."""
+        return self.weights is None or bool(((self.weights == 1) | (box_areas(self.boxes) == 0)).all())
 
 
 def box_areas(boxes: Tensor) -> Tensor:
@@ -458,6 +575,14 @@ def sample_params_per_sample(
     else:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
         nominal = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=n))
+    boxes = boxes_for_lambda(nominal, height, width, uniform_sampling=uniform_sampling, generator=generator)
+    return PerSampleParams(boxes=boxes, lam=boxes_lambda(boxes, height, width), indices=indices)
+
+
+def boxes_for_lambda(nominal: Tensor, height: int, width: int, *, uniform_sampling: bool = False,
+                     generator: torch.Generator) -> Tensor:
+    """One box per nominal λ, each drawn as :func:`sample_box` draws it, all at once: ``(K, 4)`` int64."""
+    n = nominal.shape[0]
     ratio = torch.sqrt(1.0 - nominal)
     cut_h, cut_w = (height * ratio).long(), (width * ratio).long()  # int() of a non-negative float: floor
     if uniform_sampling:
@@ -473,7 +598,7 @@ def sample_params_per_sample(
         (cy - cut_h // 2).clamp(0, height), (cy + cut_h // 2).clamp(0, height),
         (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width),
     ], dim=1)
-    return PerSampleParams(boxes=boxes, lam=boxes_lambda(boxes, height, width), indices=indices)
+    return boxes
 
 
 # A sample of at most this many elements is mixed by masks over the whole batch; a larger one by a
@@ -532,23 +657,44 @@ def gather_box_pixels(tensor: Tensor, rows: Tensor, boxes: Tensor) -> Tensor:
     return out
 
 
-def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor) -> Tensor:
-    """Write ``pixels`` (as :func:`gather_box_pixels` lays them out) into ``boxes[k]`` of row ``rows[k]``, in place."""
+def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor,
+                     weights: Optional[Tensor] = None) -> Tensor:
+    """Write ``pixels`` (as :func:`gather_box_pixels` lays them out) into ``boxes[k]`` of row ``rows[k]``, in place.
+
+    With ``weights`` (one per row), a row whose weight is below 1 blends its box region with the pixels
+    (:func:`blend`) instead of taking them.
+    """
     x = _as_4d(tensor)
     if len(rows) == 0 or pixels.numel() == 0:
         return tensor
+    if weights is not None and bool((weights == 1).all()):
+        weights = None
     if _use_masks(x):
         rows = rows.to(x.device, non_blocking=True)
         region = x.index_select(0, rows).contiguous()
         mask = _box_masks(boxes, x.shape[-2], x.shape[-1], x.device).expand(region.shape).contiguous()
-        region.masked_scatter_(mask, pixels)
+        if weights is None:
+            region.masked_scatter_(mask, pixels)
+        else:
+            partner = region.clone()
+            partner.masked_scatter_(mask, pixels)
+            region = torch.where(mask, _take_or_blend(region, partner, weights), region)
         x.index_copy_(0, rows, region)
         return tensor
     areas = (box_areas(boxes) * x.shape[1]).tolist()
-    for i, (y0, y1, x0, x1), crop in zip(rows.tolist(), boxes.tolist(), pixels.split(areas), strict=True):
+    weight_list = [1.0] * len(areas) if weights is None else weights.tolist()
+    for i, (y0, y1, x0, x1), crop, w in zip(rows.tolist(), boxes.tolist(), pixels.split(areas), weight_list,
+                                            strict=True):
         if crop.numel():
-            x[i, :, y0:y1, x0:x1] = crop.view(x.shape[1], y1 - y0, x1 - x0)
+            crop = crop.view(x.shape[1], y1 - y0, x1 - x0)
+            x[i, :, y0:y1, x0:x1] = crop if w == 1 else blend(x[i, :, y0:y1, x0:x1], crop, w)
     return tensor
+
+
+def _take_or_blend(own: Tensor, partner: Tensor, weights: Tensor) -> Tensor:
+    """Per row: ``partner`` where the weight is 1 (exactly its pixels), else :func:`blend`."""
+    take = (weights == 1).to(own.device, non_blocking=True).reshape((-1,) + (1,) * (own.ndim - 1))
+    return torch.where(take, partner, blend(own, partner, weights))
 
 
 def apply_cutmix_per_sample(input: Tensor, params: PerSampleParams, *, inplace: bool = False) -> Tensor:
@@ -560,19 +706,27 @@ def apply_cutmix_per_sample(input: Tensor, params: PerSampleParams, *, inplace: 
     """
     if input.shape[0] == 0:
         return input if inplace else input.clone()
+    weights = None if params.pastes_only else params.weights
     if _use_masks(input):
-        return _blend_boxes(input, params.indices, params.boxes, input if inplace else None)
+        return _blend_boxes(input, params.indices, params.boxes, input if inplace else None, weights)
+    weight_list = [1.0] * input.shape[0] if weights is None else weights.tolist()
     if not inplace:
         out = input.clone()
-        for i, j, (y0, y1, x0, x1) in zip(range(len(out)), params.indices.tolist(), params.boxes.tolist(), strict=True):
-            out[i, :, y0:y1, x0:x1] = input[j, :, y0:y1, x0:x1]
+        for i, j, (y0, y1, x0, x1), w in zip(range(len(out)), params.indices.tolist(), params.boxes.tolist(),
+                                             weight_list, strict=True):
+            if w == 1:
+                out[i, :, y0:y1, x0:x1] = input[j, :, y0:y1, x0:x1]
+            elif w > 0 and y1 > y0 and x1 > x0:
+                out[i, :, y0:y1, x0:x1] = blend(input[i, :, y0:y1, x0:x1], input[j, :, y0:y1, x0:x1], w)
         return out
-    _paste_along_cycles(input, params.indices.tolist(), params.boxes.tolist())
+    _paste_along_cycles(input, params.indices.tolist(), params.boxes.tolist(), weight_list)
     return input
 
 
-def _paste_along_cycles(x: Tensor, partners: list[int], boxes: list[list[int]]) -> None:
-    """In place: ``x[i, box_i] = original x[partners[i], box_i]`` for a permutation ``partners``.
+def _paste_along_cycles(x: Tensor, partners: list[int], boxes: list[list[int]],
+                        weights: Optional[list[float]] = None) -> None:
+    """In place: ``x[i, box_i] = original x[partners[i], box_i]`` for a permutation ``partners`` (or, where
+    ``weights[i] < 1``, :func:`blend` of the row's own and its partner's original pixels there).
 
     Following each cycle ``i -> partners[i] -> ...``, a sample is overwritten only after the one
     sample that reads from it has read; the last sample of a cycle reads the first one's pixels,
@@ -580,6 +734,15 @@ def _paste_along_cycles(x: Tensor, partners: list[int], boxes: list[list[int]]) 
     """
     if sorted(partners) != list(range(len(partners))):
         raise ValueError('per-sample partners must be a permutation to paste in place along its cycles')
+    weights = [1.0] * len(partners) if weights is None else weights
+
+    def put(i: int, box: list[int], source: Tensor) -> None:
+        y0, y1, x0, x1 = box
+        if weights[i] == 1:
+            x[i, :, y0:y1, x0:x1] = source
+        elif weights[i] > 0 and y1 > y0 and x1 > x0:
+            x[i, :, y0:y1, x0:x1] = blend(x[i, :, y0:y1, x0:x1], source, weights[i])
+
     done = [False] * len(partners)
     for start in range(len(partners)):
         if done[start] or partners[start] == start:
@@ -594,16 +757,17 @@ def _paste_along_cycles(x: Tensor, partners: list[int], boxes: list[list[int]]) 
         while i != last:
             j = partners[i]
             y0, y1, x0, x1 = boxes[i]
-            x[i, :, y0:y1, x0:x1] = x[j, :, y0:y1, x0:x1]
+            put(i, boxes[i], x[j, :, y0:y1, x0:x1])
             done[i] = True
             i = j
-        y0, y1, x0, x1 = boxes[last]
-        x[last, :, y0:y1, x0:x1] = saved
+        put(last, boxes[last], saved)
         done[last] = True
 
 
-def _blend_boxes(tensor: Tensor, indices: Tensor, boxes: Tensor, out: Optional[Tensor]) -> Tensor:
-    """``where(inside box i, tensor[indices[i]], tensor[i])`` for every row, into ``out`` (may be ``tensor``)."""
+def _blend_boxes(tensor: Tensor, indices: Tensor, boxes: Tensor, out: Optional[Tensor],
+                 weights: Optional[Tensor] = None) -> Tensor:
+    """``where(inside box i, tensor[indices[i]], tensor[i])`` for every row, into ``out`` (may be ``tensor``);
+    with ``weights``, rows whose weight is below 1 take :func:`blend` of the two inside the box."""
     x = _as_4d(tensor)
     indices = indices.to(x.device, non_blocking=True)
     if _channels_last(x):  # index_select returns NCHW; gather the NHWC rows instead, keeping the layout
@@ -613,6 +777,8 @@ def _blend_boxes(tensor: Tensor, indices: Tensor, boxes: Tensor, out: Optional[T
     if out is None:
         out = torch.empty_like(tensor)  # preserve_format: a channels_last batch stays channels_last
     o = _as_4d(out)
+    if weights is not None:
+        partners = _take_or_blend(x, partners, weights)
     if _channels_last(x) and _channels_last(partners) and _channels_last(o):
         # in NHWC memory, a mask broadcast over the innermost channels is slow: blend (N, H, W*C) rows instead
         n, c, h, w = x.shape
@@ -633,22 +799,35 @@ def mix_targets_per_sample(
     kind: str,
     num_classes: Optional[int] = None,
     validate: bool = True,
+    smoothing: float = 0.0,
+    weights: Optional[Tensor] = None,
 ) -> Tensor:
     """:func:`mix_targets` with one λ and box per sample.
 
     For dense targets ``partner`` is the partners' full maps, or the pixels inside each sample's
     box already gathered (1-D, as :func:`gather_box_pixels` lays them out); they are pasted into a
-    copy of ``target``. Other kinds mix with each sample's label weight ``label_lambda(lam[i])``.
+    copy of ``target`` (blended where ``weights`` are below 1). Other kinds mix with each sample's
+    label weight ``label_lambda(lam[i])``, then are smoothed.
     """
     if kind != 'dense':
-        return mix_targets(target, partner, lam, (0, 0, 0, 0), kind=kind, num_classes=num_classes, validate=validate)
+        return mix_targets(target, partner, lam, (0, 0, 0, 0), kind=kind, num_classes=num_classes, validate=validate,
+                           smoothing=smoothing)
+    if smoothing:
+        mix_targets(target, partner, lam, (0, 0, 0, 0), kind=kind, smoothing=smoothing)  # raises, naming the kind
+    if weights is not None:
+        active = box_areas(boxes) > 0
+        if bool(((weights != 1) & (weights != 0) & active).any()):
+            _dense_weight(target, 0.5)  # raises for index maps
+        else:
+            weights = None
     rows = torch.arange(target.shape[0])
     if partner.ndim == 1:
-        return paste_box_pixels(target.clone(), rows, partner, boxes)
+        return paste_box_pixels(target.clone(), rows, partner, boxes, weights)
     if _use_masks(_as_4d(target)):
         mask = _box_masks(boxes, target.shape[-2], target.shape[-1], target.device)
-        return torch.where(mask, _as_4d(partner), _as_4d(target)).reshape(target.shape)
-    return paste_box_pixels(target.clone(), rows, gather_box_pixels(partner, rows, boxes), boxes)
+        source = _as_4d(partner) if weights is None else _take_or_blend(_as_4d(target), _as_4d(partner), weights)
+        return torch.where(mask, source, _as_4d(target)).reshape(target.shape)
+    return paste_box_pixels(target.clone(), rows, gather_box_pixels(partner, rows, boxes), boxes, weights)
 
 
 # ----------------------------------------------------------------------------- drop-in API
@@ -709,3 +888,62 @@ def cutmix_batch(
     )
     mixed = apply_cutmix(input, params)
     return mixed, target[params.indices.to(target.device)], params.lam, box_to_composer(params.box)
+
+
+def mixup_batch(
+    input: Tensor,
+    target: Tensor,
+    mixing: Optional[float] = None,
+    alpha: float = 0.2,
+    indices: Optional[Tensor] = None,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor, float]:
+    """Drop-in for ``composer.functional.mixup_batch``, with explicit randomness.
+
+    Blends every sample with its partner: ``(1 - mixing) * input + mixing * input[indices]``.
+
+    Args:
+        input: images ``(N, C, H, W)``, any float dtype or uint8 (rounded to nearest), any memory format.
+        target: targets ``(N, ...)``; only permuted here.
+        mixing: the partner's weight in ``[0, 1]``; by default ``min(z, 1 - z)``, ``z ~ Beta(alpha, alpha)``,
+            rounded to a multiple of ``2**-10`` (so ``λ·y + (1-λ)·y'`` one-hot rows sum to exactly 1).
+            A given ``mixing`` is used as it is.
+        alpha: Beta(alpha, alpha) concentration; 0 means no mixing.
+        indices: the partner of each sample; by default a permutation without fixed points.
+        generator: source of randomness; a fresh unseeded generator if ``None``.
+
+    Returns:
+        ``(mixed_input, target_perm, mixing)`` as Composer returns them.
+
+    Raises:
+        ValueError: for a bad ``alpha``, ``mixing`` or ``indices``, or malformed tensors.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> mixed, y_perm, mixing = mixup_batch(x, y, alpha=0.2, generator=g)
+        >>> mixed.shape, 0.0 <= mixing <= 0.5
+        (torch.Size([4, 3, 8, 8]), True)
+    """
+    validate_input(input)
+    validate_target(target, input)
+    validate_alpha(alpha)
+    if mixing is not None and (isinstance(mixing, bool) or not isinstance(mixing, (int, float))
+                               or math.isnan(mixing) or not 0 <= mixing <= 1):
+        raise ValueError(f'mixing must be a number in [0, 1], got mixing={mixing!r}')
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    n, _, h, w = input.shape
+    if indices is None:
+        indices = sample_partners(n, generator=generator)
+    else:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if tuple(indices.shape) != (n,) or (n and (int(indices.min()) < 0 or int(indices.max()) >= n)):
+            raise ValueError(f'indices must be a ({n},) tensor of values in [0, {n}), got {indices}')
+    if mixing is None:
+        z = sample_lambda(alpha, generator)
+        mixing = label_lambda(min(z, 1.0 - z))
+    params = CutMixParams(box=(0, h, 0, w), lam=1.0 - float(mixing), indices=indices, weight=float(mixing))
+    return apply_cutmix(input, params), target[indices.to(target.device)], float(mixing)

@@ -23,6 +23,7 @@ from dist_cutmix.distributed import (
     group_rank_and_size,
     group_stream_key,
 )
+from dist_cutmix.spec import MixSpec, sample_mix
 
 __all__ = ['MixResult', 'mix_batch_across_group', 'mix_batch_local']
 
@@ -77,7 +78,7 @@ class MixResult:
 
 
 def _kind_and_problem(
-    input: object, target: object, num_classes: Optional[int], mix_target: bool,
+    input: object, target: object, num_classes: Optional[int], mix_target: bool, spec: MixSpec,
 ) -> tuple[Optional[str], Optional[Exception]]:
     """This rank's target kind and its input error, if any (raised later, on every rank together)."""
     try:
@@ -87,9 +88,27 @@ def _kind_and_problem(
             if num_classes is None:
                 raise ValueError('num_classes is required to mix index targets, got num_classes=None')
             F.check_labels(target, num_classes)  # type: ignore[arg-type]
+        if kind == 'binary' and mix_target:
+            F.validate_binary(target)  # type: ignore[arg-type]
+        if spec.label_smoothing and kind in ('binary', 'dense') and mix_target:
+            raise ValueError(
+                f'label_smoothing spreads ε over a class axis: it takes index (N,) or soft (N, C) targets, got '
+                f'{kind} targets of shape {tuple(target.shape)} with label_smoothing={spec.label_smoothing}',  # type: ignore[union-attr]
+            )
+        if kind == 'dense' and spec.mixup_alpha > 0 and spec.prob > 0 and not target.is_floating_point():  # type: ignore[union-attr]
+            F.mix_targets(target, target, 0.5, (0, 0, 0, 0), kind='dense', weight=0.5)  # type: ignore[arg-type]
         return kind, None
     except (TypeError, ValueError) as e:
         return None, e
+
+
+def _spec(spec: Optional[MixSpec], alpha: float, uniform_sampling: bool) -> MixSpec:
+    """The mix to draw: ``spec``, or Composer's CutMix from ``alpha`` and ``uniform_sampling``."""
+    if spec is None:
+        return MixSpec.cutmix(alpha, uniform_sampling)
+    if not isinstance(spec, MixSpec):
+        raise TypeError(f'spec must be a dist_cutmix.MixSpec or None, got {type(spec).__name__}')
+    return spec
 
 
 def mix_batch_local(
@@ -106,38 +125,48 @@ def mix_batch_local(
     mix_target: bool = True,
     inplace: bool = False,
     per_sample: bool = False,
+    spec: Optional[MixSpec] = None,
 ) -> MixResult:
     """Mix this rank's batch with itself, drawing from ``(seed, batch, 'local', rank)``.
 
     With ``per_sample=True`` every sample gets its own λ and box
-    (:func:`~dist_cutmix.functional.sample_params_per_sample`).
+    (:func:`~dist_cutmix.functional.sample_params_per_sample`). ``spec`` says what to draw (MixUp, a
+    switch between MixUp and CutMix, label smoothing); by default Composer's CutMix from ``alpha``
+    and ``uniform_sampling``.
 
     Raises:
         TypeError, ValueError: on malformed input or targets, naming the argument and value.
     """
-    kind, problem = _kind_and_problem(input, target, num_classes, mix_target)
+    spec = _spec(spec, alpha, uniform_sampling)
+    kind, problem = _kind_and_problem(input, target, num_classes, mix_target, spec)
     if problem is not None:
         raise problem
     n, _, h, w = input.shape
-    draw, apply, mix = (F.sample_params_per_sample, F.apply_cutmix_per_sample, F.mix_targets_per_sample) \
-        if per_sample else (F.sample_params, F.apply_cutmix, F.mix_targets)
-    params = draw(
-        n, h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
-        generator=batch_generator(seed, batch, 'local', rank),
-    )
+    params = sample_mix(spec, n, h, w, per_sample=per_sample, exclude_self=exclude_self,
+                        generator=batch_generator(seed, batch, 'local', rank))
     if n < 2:  # nothing to mix with: leave the batch as it is
         params = F.PerSampleParams(boxes=torch.zeros_like(params.boxes), lam=torch.ones_like(params.lam),
                                    indices=params.indices) if per_sample \
             else F.CutMixParams(box=(0, 0, 0, 0), lam=1.0, indices=params.indices)
     box = params.boxes if per_sample else params.box
-    mixed = apply(input, params, inplace=inplace)
+    mixed = F.apply_mix(input, params, inplace=inplace)
     partner_target = target[params.indices.to(target.device, non_blocking=True)]
-    mixed_target = mix(target, partner_target, params.lam, box, kind=kind, num_classes=num_classes, validate=False) \
-        if mix_target else target
+    mixed_target = _mix_targets(target, partner_target, params, kind, num_classes, spec) if mix_target else target
     return MixResult(
         input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=box,
         partner_rank=torch.full((n,), rank), partner_index=params.indices, kind=kind,
     )
+
+
+def _mix_targets(target: Tensor, partner: Tensor, params: F.CutMixParams | F.PerSampleParams, kind: str,
+                 num_classes: Optional[int], spec: MixSpec, boxes: Optional[Tensor] = None) -> Tensor:
+    """Mixed (and smoothed) targets for ``params``: one λ for the batch or one per sample."""
+    if isinstance(params, F.PerSampleParams):
+        return F.mix_targets_per_sample(target, partner, params.lam, params.boxes if boxes is None else boxes,
+                                        kind=kind, num_classes=num_classes, validate=False,
+                                        smoothing=spec.label_smoothing, weights=params.weights)
+    return F.mix_targets(target, partner, params.lam, params.box, kind=kind, num_classes=num_classes, validate=False,
+                         smoothing=spec.label_smoothing, weight=params.weight)
 
 
 def _signature(input: Tensor, target: Tensor, kind: str, num_classes: Optional[int]) -> str:
@@ -162,6 +191,7 @@ def mix_batch_across_group(
     mix_target: bool = True,
     inplace: bool = False,
     per_sample: bool = False,
+    spec: Optional[MixSpec] = None,
 ) -> MixResult:
     """Mix over the group's global batch (the ranks' batches end to end, in group-rank order).
 
@@ -170,7 +200,9 @@ def mix_batch_across_group(
     group of one (or no process group) no collective runs and the result is the same as in one
     process on the concatenated batch. With ``per_sample=True`` every sample of the global batch
     gets its own λ and box, drawn identically on every rank; each crop is cut with its
-    destination's box, and crops of all sizes travel in the same one ``all_to_all_single``.
+    destination's box, and crops of all sizes travel in the same one ``all_to_all_single``. ``spec``
+    as for :func:`mix_batch_local`: a MixUp partner's whole image crosses ranks, a CutMix partner's
+    box only, an unmixed sample's nothing.
 
     Raises:
         BatchMismatchError: on every rank, if any rank's input is malformed or ranks disagree
@@ -179,7 +211,8 @@ def mix_batch_across_group(
     rank, world = group_rank_and_size(group)
     if rank < 0:
         raise ValueError(f'this process is not a member of process_group {group!r}: it cannot mix over it')
-    kind, problem = _kind_and_problem(input, target, num_classes, mix_target)
+    spec = _spec(spec, alpha, uniform_sampling)
+    kind, problem = _kind_and_problem(input, target, num_classes, mix_target, spec)
     if world == 1:
         if problem is not None:
             raise problem
@@ -194,9 +227,7 @@ def mix_batch_across_group(
             raise mismatch from problem
     n, _, h, w = input.shape
     generator = batch_generator(seed, batch, *group_stream_key(group))
-    draw = F.sample_params_per_sample if per_sample else F.sample_params
-    params = draw(sum(sizes), h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
-                  generator=generator)
+    params = sample_mix(spec, sum(sizes), h, w, per_sample=per_sample, exclude_self=exclude_self, generator=generator)
     plan = ExchangePlan.build(params.indices, sizes, rank)
     bounds = torch.tensor(sizes).cumsum(0)
     partner_rank = torch.searchsorted(bounds, plan.partners, right=True)
@@ -207,13 +238,13 @@ def mix_batch_across_group(
     if isinstance(params, F.PerSampleParams):
         return _mix_group_per_sample(input, target, kind, params, plan, rank, group, num_classes=num_classes,
                                      mix_target=mix_target, inplace=inplace, partner_rank=partner_rank,
-                                     partner_index=partner_index, cross=cross)
+                                     partner_index=partner_index, cross=cross, spec=spec)
 
     box = params.box
     send_target = F.gather_crops(target, plan.send_order, box) if kind == 'dense' \
         else target[plan.send_order.to(target.device, non_blocking=True)]
     send = [send_target]
-    move_crops = params.lam < 1.0 and sum(sizes) > 0
+    move_crops = params.lam < 1.0 and params.weight > 0 and sum(sizes) > 0
     if move_crops:
         send.append(F.gather_crops(input, plan.send_order, box))
     row_bytes = sum(t[0:1].numel() * t.element_size() for t in send)
@@ -221,13 +252,11 @@ def mix_batch_across_group(
     received = exchange_rows(send, plan, group)
     partner_target = received[0]
     if move_crops:
-        mixed = F.paste_crops(input, received[1], box, inplace=inplace)
+        mixed = F.paste_crops(input, received[1], box, inplace=inplace, weight=params.weight)
     else:
         mixed = input if inplace else input.clone()
 
-    mixed_target = F.mix_targets(target, partner_target, params.lam, box, kind=kind, num_classes=num_classes,
-                                 validate=False) \
-        if mix_target else target
+    mixed_target = _mix_targets(target, partner_target, params, kind, num_classes, spec) if mix_target else target
     return MixResult(
         input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=box,
         partner_rank=partner_rank, partner_index=partner_index,
@@ -237,12 +266,15 @@ def mix_batch_across_group(
 
 def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.PerSampleParams, plan: ExchangePlan,
                           rank: int, group: ProcessGroup, *, num_classes: Optional[int], mix_target: bool,
-                          inplace: bool, partner_rank: Tensor, partner_index: Tensor, cross: float) -> MixResult:
+                          inplace: bool, partner_rank: Tensor, partner_index: Tensor, cross: float,
+                          spec: MixSpec) -> MixResult:
     """Global per-sample mixing: each crop is cut with its destination's box and crosses ranks once."""
     n = input.shape[0]
     world = len(plan.send_counts)
     mine = slice(plan.offset, plan.offset + n)
     boxes, lam = params.boxes[mine], params.lam[mine]
+    weights = None if params.pastes_only or params.weights is None else params.weights[mine]
+    arrival_weights = None if weights is None else weights[plan.recv_order]
     send_boxes = params.boxes[plan.send_dest]
     dense = kind == 'dense'
     t4 = F._as_4d(target) if dense else target
@@ -271,15 +303,16 @@ def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.Pe
                      for d in range(world) if d != rank)
 
     mixed = input if inplace else input.clone()
-    F.paste_box_pixels(mixed, plan.recv_order, got_pixels, arrival_boxes)
+    F.paste_box_pixels(mixed, plan.recv_order, got_pixels, arrival_boxes, arrival_weights)
     if dense:
         partner_target = got_labels
-        mixed_target = F.paste_box_pixels(target.clone(), plan.recv_order, got_labels, arrival_boxes)
+        mixed_target = F.paste_box_pixels(target.clone(), plan.recv_order, got_labels, arrival_boxes, arrival_weights)
     else:
         arrived = got_labels.reshape(len(plan.recv_order), *target.shape[1:])
         partner_target = arrived.index_select(0, plan.recv_index.to(arrived.device))
-        mixed_target = F.mix_targets_per_sample(target, partner_target, lam, boxes, kind=kind,
-                                                num_classes=num_classes, validate=False) if mix_target else target
+        mine_params = F.PerSampleParams(boxes=boxes, lam=lam, indices=partner_index, weights=weights)
+        mixed_target = _mix_targets(target, partner_target, mine_params, kind, num_classes, spec) \
+            if mix_target else target
     return MixResult(
         input=mixed, target=mixed_target, partner_target=partner_target, lam=lam, box=boxes,
         partner_rank=partner_rank, partner_index=partner_index, cross_rank_fraction=cross, bytes_sent=bytes_sent,
