@@ -177,8 +177,8 @@ class MixingAlgorithm(Algorithm):
         if self.interpolate_loss and kind == 'dense' and not run.warned_dense_interpolation:
             run.warned_dense_interpolation = True
             warnings.warn(
-                f'{name}(interpolate_loss=True) with dense targets: the partner region is pasted into (or blended '
-                f'with) the target map, which is exact per pixel, and the loss is not interpolated.', UserWarning,
+                f'{name}(interpolate_loss=True) with dense targets: the partner region is pasted into the target map '
+                f'(MixUp: blended with it), which is exact per pixel, and the loss is not interpolated.', UserWarning,
                 stacklevel=2,
             )
         stopped = self._stopped(state)
