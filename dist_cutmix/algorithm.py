@@ -40,6 +40,7 @@ class _Run:
     metrics_checked: bool = False
     warned_single: bool = False
     warned_dense_interpolation: bool = False
+    stopped: bool = False  # stop_at has come: nothing is mixed any more
 
 
 class MixingAlgorithm(Algorithm):
@@ -126,8 +127,8 @@ class MixingAlgorithm(Algorithm):
             self._check_outputs(state)
             if self._run.soft_targets_at_loss:
                 self._soft_targets_from_outputs(state)
-        elif event == Event.BEFORE_BACKWARD and self.interpolate_loss:
-            self._interpolate_loss(state)
+        elif event == Event.BEFORE_BACKWARD and self.interpolate_loss and not self._run.stopped:
+            self._interpolate_loss(state)  # (after stop_at nothing is mixed: the loss is already the plain one)
 
     # ------------------------------------------------------------------ pieces
 
@@ -181,7 +182,7 @@ class MixingAlgorithm(Algorithm):
                 f'(MixUp: blended with it), which is exact per pixel, and the loss is not interpolated.', UserWarning,
                 stacklevel=2,
             )
-        stopped = self._stopped(state)
+        stopped = run.stopped = self._stopped(state)
         spec = replace(self.spec, prob=0.0) if stopped else self.spec  # after stop_at: smoothing only
         kwargs = dict(
             seed=self.seed if self.seed is not None else state.rank_zero_seed,
