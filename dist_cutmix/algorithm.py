@@ -87,7 +87,7 @@ class MixingAlgorithm(Algorithm):
             raise ValueError(
                 f'per_sample=True gives every sample its own λ, and interpolate_loss=True would need a per-sample loss '
                 f'(reduction="none") that Composer models do not promise; use interpolate_loss=False, whose soft '
-                f'targets carry each sample\'s λ, got {name}(per_sample=True, interpolate_loss=True)',
+                f'targets carry each sample\'s λ, got per_sample=True with interpolate_loss=True in {name}',
             )
         if interpolate_loss and spec.label_smoothing:
             raise ValueError(f'interpolate_loss=True keeps index targets and cannot smooth them, got '
@@ -374,11 +374,23 @@ class CutMix(MixingAlgorithm):
         uniform_sampling: bool = False,
         input_key: Union[str, int, tuple[Callable, Callable], Any] = 0,
         target_key: Union[str, int, tuple[Callable, Callable], Any] = 1,
-        **kwargs: Any,
+        *,
+        mode: str = 'local',
+        seed: Optional[int] = None,
+        exclude_self: bool = True,
+        num_classes: Optional[int] = None,
+        process_group: ProcessGroup = None,
+        wrap_train_metrics: bool = True,
+        inplace: Optional[bool] = None,
+        per_sample: bool = False,
+        stop_at: Union[str, Time, None] = None,
     ) -> None:
         self.alpha = F.validate_alpha(alpha)
         self.uniform_sampling = uniform_sampling
-        super().__init__(MixSpec.cutmix(alpha, uniform_sampling), interpolate_loss, input_key, target_key, **kwargs)
+        super().__init__(MixSpec.cutmix(alpha, uniform_sampling), interpolate_loss, input_key, target_key,
+                         mode=mode, seed=seed, exclude_self=exclude_self, num_classes=num_classes,
+                         process_group=process_group, wrap_train_metrics=wrap_train_metrics, inplace=inplace,
+                         per_sample=per_sample, stop_at=stop_at)
 
 
 class MixUp(MixingAlgorithm):
@@ -396,9 +408,8 @@ class MixUp(MixingAlgorithm):
         interpolate_loss: keep index targets and interpolate the loss, ``(1 - m) * loss(own) + m * loss(partner)``.
         input_key: where the input sits in the batch (index, key, or ``(getter, setter)``).
         target_key: where the target sits in the batch.
-        **kwargs: ``mode``, ``seed``, ``exclude_self``, ``num_classes``, ``process_group``,
-            ``wrap_train_metrics``, ``inplace``, ``per_sample`` (each sample its own ``m``) and ``stop_at``,
-            as for :class:`CutMix`.
+        mode, seed, exclude_self, num_classes, process_group, wrap_train_metrics, inplace, per_sample
+            (each sample its own ``m``), stop_at: as for :class:`CutMix`.
 
     Dense targets: floating ``(N, C, H, W)`` maps are blended like the images; class-index maps are an
     error (Composer's MixUp one-hot encodes them with the outputs' class count; use CutMix there).
@@ -416,10 +427,22 @@ class MixUp(MixingAlgorithm):
         interpolate_loss: bool = False,
         input_key: Union[str, int, tuple[Callable, Callable], Any] = 0,
         target_key: Union[str, int, tuple[Callable, Callable], Any] = 1,
-        **kwargs: Any,
+        *,
+        mode: str = 'local',
+        seed: Optional[int] = None,
+        exclude_self: bool = True,
+        num_classes: Optional[int] = None,
+        process_group: ProcessGroup = None,
+        wrap_train_metrics: bool = True,
+        inplace: Optional[bool] = None,
+        per_sample: bool = False,
+        stop_at: Union[str, Time, None] = None,
     ) -> None:
         self.alpha = F.validate_alpha(alpha)
-        super().__init__(MixSpec.mixup(alpha), interpolate_loss, input_key, target_key, **kwargs)
+        super().__init__(MixSpec.mixup(alpha), interpolate_loss, input_key, target_key,
+                         mode=mode, seed=seed, exclude_self=exclude_self, num_classes=num_classes,
+                         process_group=process_group, wrap_train_metrics=wrap_train_metrics, inplace=inplace,
+                         per_sample=per_sample, stop_at=stop_at)
 
 
 class MixUpCutMix(MixingAlgorithm):
@@ -446,8 +469,7 @@ class MixUpCutMix(MixingAlgorithm):
         stop_at: from this Composer time on nothing is mixed (timm's ``mixup_off_epoch``); smoothing stays.
         input_key: where the input sits in the batch.
         target_key: where the target sits in the batch.
-        **kwargs: ``mode``, ``seed``, ``exclude_self``, ``num_classes``, ``process_group``,
-            ``wrap_train_metrics``, ``inplace``, as for :class:`CutMix`.
+        mode, seed, exclude_self, num_classes, process_group, wrap_train_metrics, inplace: as for :class:`CutMix`.
 
     Example:
         >>> from dist_cutmix import MixUpCutMix
@@ -466,15 +488,23 @@ class MixUpCutMix(MixingAlgorithm):
         switch_prob: float = 0.5,
         label_smoothing: float = 0.0,
         *,
-        per_sample: bool = False,
-        stop_at: Union[str, Time, None] = None,
         input_key: Union[str, int, tuple[Callable, Callable], Any] = 0,
         target_key: Union[str, int, tuple[Callable, Callable], Any] = 1,
-        **kwargs: Any,
+        mode: str = 'local',
+        seed: Optional[int] = None,
+        exclude_self: bool = True,
+        num_classes: Optional[int] = None,
+        process_group: ProcessGroup = None,
+        wrap_train_metrics: bool = True,
+        inplace: Optional[bool] = None,
+        per_sample: bool = False,
+        stop_at: Union[str, Time, None] = None,
     ) -> None:
         spec = MixSpec(cutmix_alpha=cutmix_alpha, mixup_alpha=mixup_alpha, prob=prob, switch_prob=switch_prob,
                        cutmix_minmax=cutmix_minmax, label_smoothing=label_smoothing)
-        super().__init__(spec, False, input_key, target_key, per_sample=per_sample, stop_at=stop_at, **kwargs)
+        super().__init__(spec, False, input_key, target_key, mode=mode, seed=seed, exclude_self=exclude_self,
+                         num_classes=num_classes, process_group=process_group, wrap_train_metrics=wrap_train_metrics,
+                         inplace=inplace, per_sample=per_sample, stop_at=stop_at)
 
 
 def _parse_stop_at(stop_at: Union[str, Time, None]) -> Optional[Time]:
