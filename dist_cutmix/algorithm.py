@@ -146,7 +146,7 @@ class MixingAlgorithm(Algorithm):
     def _wrap_train_metrics(self, state: State) -> None:
         # With interpolate_loss the targets stay unmixed; without wrapping, the check waits for a batch.
         if self.wrap_train_metrics and not self.interpolate_loss:
-            state.train_metrics = prepare_train_metrics(state.train_metrics, wrap=True)
+            state.train_metrics = prepare_train_metrics(state.train_metrics, wrap=True, algorithm=type(self).__name__)
 
     def _class_count(self, state: State) -> Optional[int]:
         """``num_classes``, else a train metric's or the model's; never stored (a run's model is its own)."""
@@ -169,7 +169,8 @@ class MixingAlgorithm(Algorithm):
             run.metrics_checked = True
             if not self.interpolate_loss and kind not in (None, 'dense'):
                 # Raises, naming the fix, for a stock metric that would misread mixed targets.
-                prepare_train_metrics(state.train_metrics, wrap=self.wrap_train_metrics, kind=kind)
+                prepare_train_metrics(state.train_metrics, wrap=self.wrap_train_metrics, kind=kind,
+                                      algorithm=type(self).__name__)
         num_classes = self._class_count(state) if kind == 'index' else self.num_classes
         # Dense targets are pasted either way: interpolating a per-pixel loss by area would be wrong.
         mix_target = not self.interpolate_loss or kind == 'dense'

@@ -423,7 +423,7 @@ _MIXED_TARGETS = {
 
 
 def prepare_train_metrics(
-    metrics: Optional[dict[str, Metric]], *, wrap: bool = True, kind: str = 'index',
+    metrics: Optional[dict[str, Metric]], *, wrap: bool = True, kind: str = 'index', algorithm: str = 'CutMix',
 ) -> dict[str, Metric]:
     """Make train metrics read CutMix's soft targets truthfully, or refuse the ones that cannot.
 
@@ -438,6 +438,7 @@ def prepare_train_metrics(
         wrap: replace stock metrics; with ``False`` a stock metric is an error instead.
         kind: the kind of the targets before mixing (see :func:`dist_cutmix.functional.target_kind`),
             named in the error; dense targets are pasted, not softened, and need no change.
+        algorithm: the mixing algorithm's name, for the error and the log line.
 
     Returns:
         A new dict with the same keys, in the same order.
@@ -460,21 +461,22 @@ def prepare_train_metrics(
     multilabel = [f'{key!r} ({type(m).__name__})' for key, m in stock.items() if _is_multilabel(m)]
     if multilabel:
         raise ValueError(
-            f'CutMix mixes targets into soft targets, which the multi-label train metric(s) {", ".join(multilabel)} '
-            f'cannot read; use CutMix(interpolate_loss=True), which keeps the targets unmixed, or remove them '
+            f'{algorithm} mixes targets into soft targets, which the multi-label train metric(s) '
+            f'{", ".join(multilabel)} cannot read; use {algorithm}(interpolate_loss=True), which keeps the targets '
+            f'unmixed, or remove them '
             f'from the train metrics',
         )
     if stock and not wrap:
         names = ', '.join(f'{key!r} ({type(m).__name__})' for key, m in stock.items())
         raise ValueError(
-            f'CutMix puts {_MIXED_TARGETS.get(kind, "mixed targets")} into the batch, and the train metric(s) {names} '
-            f'would report wrong numbers on them without an error; use dist_cutmix.metrics.SoftTargetAccuracy or '
-            f'SoftTargetWrapper(metric) instead, or CutMix(wrap_train_metrics=True) to do it for you',
+            f'{algorithm} puts {_MIXED_TARGETS.get(kind, "mixed targets")} into the batch, and the train metric(s) '
+            f'{names} would report wrong numbers on them without an error; use dist_cutmix.metrics.SoftTargetAccuracy '
+            f'or SoftTargetWrapper(metric) instead, or {algorithm}(wrap_train_metrics=True) to do it for you',
         )
     prepared = {key: _soft_aware(stock[key]) if key in stock else metric for key, metric in metrics.items()}
     if stock:
         log.warning(
-            'CutMix: train metrics read soft targets now: %s',
+            '%s: train metrics read soft targets now: %s', algorithm,
             '; '.join(f'{key!r}: {type(stock[key]).__name__} -> {_describe(prepared[key])}' for key in stock),
         )
     return prepared

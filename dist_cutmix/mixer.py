@@ -306,7 +306,8 @@ def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.Pe
     F.paste_box_pixels(mixed, plan.recv_order, got_pixels, arrival_boxes, arrival_weights)
     if dense:
         partner_target = got_labels
-        mixed_target = F.paste_box_pixels(target.clone(), plan.recv_order, got_labels, arrival_boxes, arrival_weights)
+        mixed_target = F.paste_box_pixels(target.clone(), plan.recv_order, got_labels, arrival_boxes,
+                                          arrival_weights) if mix_target else target
     else:
         arrived = got_labels.reshape(len(plan.recv_order), *target.shape[1:])
         partner_target = arrived.index_select(0, plan.recv_index.to(arrived.device))
