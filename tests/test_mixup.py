@@ -437,7 +437,9 @@ def test_local_pixels_equal_a_per_sample_loop_over_the_draw(shape, dtype, channe
     assert 'mixup' in seen and (spec_name == 'mixup' or 'cutmix' in seen)  # every branch was exercised
 
 
-TARGET_CASES = [('index', 0.0), ('index', 0.1), ('soft', 0.0), ('soft', 0.1), ('binary', 0.0), ('dense', 0.0)]
+# the image size matters to the target path only for dense maps (masks or a copy a row, as for pixels)
+TARGET_CASES = [('index', 0.0, SMALL), ('index', 0.1, SMALL), ('soft', 0.0, SMALL), ('soft', 0.1, SMALL),
+                ('binary', 0.0, SMALL), ('dense', 0.0, SMALL), ('dense', 0.0, (8, 3, 48, 48))]
 
 
 def _targets(kind, n, h, w):
@@ -451,8 +453,7 @@ def _targets(kind, n, h, w):
     return torch.softmax(torch.randn(n, K, h, w, generator=g), 1)  # float class-probability maps
 
 
-@pytest.mark.parametrize('shape', [SMALL, LARGE])
-@pytest.mark.parametrize('kind, smoothing', TARGET_CASES)
+@pytest.mark.parametrize('kind, smoothing, shape', TARGET_CASES)
 @pytest.mark.parametrize('per_sample', [False, True])
 @pytest.mark.parametrize('spec_name', list(SPECS))
 def test_local_targets_of_every_kind_equal_the_reference(shape, kind, smoothing, per_sample, spec_name):
@@ -475,6 +476,9 @@ def test_local_targets_of_every_kind_equal_the_reference(shape, kind, smoothing,
         assert torch.equal(inplace.target, r.target)
         lam = torch.as_tensor(r.lam, dtype=torch.float64).expand(n)
         assert lam.tolist() == draw.lam  # the reported λ is the draw's
+        for weight, kept in zip(draw.weights, draw.lam, strict=True):
+            if 0 < weight < 1:  # a blend: pixels and labels use one weight, on the 2**-10 grid
+                assert weight * 1024 == int(weight * 1024) and kept == 1 - weight
 
 
 @pytest.mark.parametrize('per_sample', [False, True])
