@@ -127,8 +127,8 @@ def _minmax_boxes(n: int, height: int, width: int, minmax: tuple[float, float],
         lo, hi = int(size * minmax[0]), int(size * minmax[1])
         sides.append(lo + (u[k] * max(hi - lo, 0)).long() if hi > lo else torch.full((n,), lo, dtype=torch.long))
     cut_h, cut_w = sides
-    y0 = (u[2] * (height - cut_h)).long()
-    x0 = (u[3] * (width - cut_w)).long()
+    y0 = (u[2] * (height - cut_h + 1)).long()  # timm: randint(0, H - cut_h + 1), the far edge included
+    x0 = (u[3] * (width - cut_w + 1)).long()
     return torch.stack([y0, y0 + cut_h, x0, x0 + cut_w], dim=1)
 
 

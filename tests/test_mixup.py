@@ -252,8 +252,6 @@ def test_minmax_boxes_follow_timms_rand_bbox_minmax():
         assert bool((weights == 1).all())
 
 
-@pytest.mark.xfail(strict=True, reason='spec._minmax_boxes draws the corner in [0, H - cut_h) where timm\'s '
-                   'rand_bbox_minmax draws it in [0, H - cut_h]: a minmax box never touches the bottom or right edge')
 def test_minmax_boxes_reach_the_bottom_and_right_edges_as_timms_do():
     h, w, n, minmax = 40, 30, 20_000, (0.2, 0.7)
     p = sample_mix(MixSpec(mixup_alpha=0.0, cutmix_minmax=minmax), n, h, w, per_sample=True,
