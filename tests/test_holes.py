@@ -174,3 +174,21 @@ def test_rows_of_a_batch_that_is_itself_a_view_are_counted_from_its_own_start(ch
         expected = [list(range(i, min(i + 4, len(whole)))) for i in range(0, len(whole), 4)]
         assert [locate_rows(part, whole).tolist() for part in whole.split(4)] == expected
         assert locate_rows(whole[1::2], whole).tolist() == list(range(1, len(whole), 2))
+
+
+# ----------------------------------------------------------------------------- mix_target=False on dense targets
+
+
+@pytest.mark.xfail(strict=True, reason='bug: global per-sample mixing pastes dense targets even with mix_target=False '
+                                       '(_mix_group_per_sample ignores mix_target for dense targets); MixResult '
+                                       'promises the original targets')
+def test_global_per_sample_mixing_leaves_dense_targets_alone_when_told():
+    from dist_cutmix.mixer import mix_batch_across_group, mix_batch_local
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 3, 8, 8, generator=g), torch.randint(0, 3, (6, 8, 8), generator=g)
+    for mix in (mix_batch_local, mix_batch_across_group):
+        for per_sample in (False, True):
+            r = mix(x, y, seed=1, batch=0, per_sample=per_sample, mix_target=False)
+            assert not torch.equal(r.input, x)  # the images were mixed
+            assert torch.equal(r.target, y), f'{mix.__name__}, per_sample={per_sample}: the targets changed'
