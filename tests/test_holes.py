@@ -192,3 +192,50 @@ def test_global_per_sample_mixing_leaves_dense_targets_alone_when_told():
             r = mix(x, y, seed=1, batch=0, per_sample=per_sample, mix_target=False)
             assert not torch.equal(r.input, x)  # the images were mixed
             assert torch.equal(r.target, y), f'{mix.__name__}, per_sample={per_sample}: the targets changed'
+
+
+# ----------------------------------------------------------------------------- the label weight in a Trainer
+
+
+def _odd_sized_dataset(n: int = 48) -> torch.utils.data.TensorDataset:
+    """7x9 images (63 pixels: no box's pixel share is a multiple of 2**-10) whose channel 0 holds their index."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 3, 7, 9, generator=g)
+    x[:, 0] = torch.arange(n, dtype=torch.float32)[:, None, None]
+    return torch.utils.data.TensorDataset(x, torch.randint(0, 4, (n,), generator=g))
+
+
+@pytest.mark.parametrize('interpolate_loss', [False, True])
+def test_trainer_weighs_labels_and_losses_by_the_label_weight_not_the_pixel_share(interpolate_loss):
+    # The suite's Trainer tests use 8x8 images, where every pixel share λ = 1 - area/64 is already a multiple of
+    # 2**-10 and equals its label weight: a weight taken from the wrong one of the two, or rounded the wrong
+    # way, shows only on images like these.
+    import torch.nn.functional as TF
+
+    data = _odd_sized_dataset()
+    batches, batch_size = 4, 6
+    _, rec, mem = run_trainer([CutMix(interpolate_loss=interpolate_loss)], batch_size=batch_size,
+                              duration=f'{batches}ba', microbatch=3, dataset=data)
+    logged = [v for _, v in mem.data['cutmix/lambda']]
+    labels, eye = data.tensors[1], torch.eye(4)
+    off_grid = 0
+    for b in range(batches):
+        ids = torch.arange(b * batch_size, (b + 1) * batch_size)
+        boxes, partners = _read_draw(rec.whole(b, 'input'), ids)
+        assert len(set(boxes)) == 1 and min(partners) >= 0
+        (y0, y1, x0, x1), = set(boxes)
+        lam = 1 - (y1 - y0) * (x1 - x0) / 63
+        weight = round(lam * 1024) / 1024
+        off_grid += abs(lam * 1024 - round(lam * 1024)) > 0.1
+        assert logged[b] == weight, (b, logged[b], weight, lam)
+        own, partner = labels[ids], labels[ids][list(partners)]
+        if not interpolate_loss:
+            torch.testing.assert_close(rec.whole(b, 'target'), weight * eye[own] + (1 - weight) * eye[partner],
+                                       rtol=0, atol=0)
+            continue
+        for m, mb in enumerate(rec.batches[b]):
+            rows = slice(3 * m, 3 * m + 3)
+            want = weight * TF.cross_entropy(mb['outputs'], own[rows]) \
+                + (1 - weight) * TF.cross_entropy(mb['outputs'], partner[rows])
+            torch.testing.assert_close(mb['loss'], want, rtol=0, atol=1e-6)
+    assert off_grid >= 2  # the draws are the case the test is about
