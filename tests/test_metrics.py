@@ -444,3 +444,37 @@ def test_bfloat16_predictions_score_soft_targets_at_full_precision() -> None:
     assert float(metric.compute()) == pytest.approx(0.5, abs=1e-7)
     metric.update(preds[:1], torch.tensor([[0.7, 0.3]]))
     assert float(metric.compute()) == pytest.approx((0.7 + 0.3 + 0.7) / 3, abs=1e-7)
+
+
+
+def _dense_soft_batch(seed: int, n: int, num_classes: int, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits ``(N, C, H, W)``, a class map ``(N, H, W)`` and a soft map ``(N, C, H, W)`` whose largest mass at
+    each pixel is on the class map's class: half the mass there, the other half spread over all classes."""
+    g = torch.Generator().manual_seed(seed)
+    preds = torch.randn(n, num_classes, h, w, generator=g)
+    labels = torch.randint(0, num_classes, (n, h, w), generator=g)
+    spread = torch.softmax(3 * torch.randn(n, num_classes, h, w, generator=g), dim=1)  # every entry below 1
+    target = 0.5 * F.one_hot(labels, num_classes).movedim(-1, 1) + 0.5 * spread
+    return preds, labels, target
+
+
+@pytest.mark.parametrize(
+    'make',
+    [
+        lambda: MulticlassAccuracy(num_classes=4, average='macro'),
+        lambda: MulticlassF1Score(num_classes=4, average='weighted'),
+        lambda: MulticlassConfusionMatrix(num_classes=4),
+    ],
+)
+def test_wrapper_on_soft_dense_targets_equals_bare_metric_on_the_class_map(make: Any) -> None:
+    # A soft (N, C, H, W) target is read along its class axis, dim 1, into its (N, H, W) class map. C, H and W
+    # differ, so reading another axis fails loudly or scores another map.
+    wrapped, bare = SoftTargetWrapper(make()), make()
+    for seed, (n, h, w) in enumerate([(3, 5, 6), (1, 7, 3), (2, 4, 4)]):
+        preds, labels, target = _dense_soft_batch(40 + seed, n, 4, h, w)
+        assert torch.equal(target.argmax(dim=1), labels)  # the class map is the argmax over dim 1
+        torch.testing.assert_close(wrapped(preds, target), bare(preds, labels))  # forward: the batch value
+    torch.testing.assert_close(wrapped.compute(), bare.compute())
+    # float (N, C, H, W) maps pass the wrapper's check of the class count; another count is named
+    with pytest.raises(ValueError, match=r'num_classes=4 columns .* shape \(2, 3, 4, 4\)'):
+        wrapped.update(torch.randn(2, 4, 4, 4), torch.full((2, 3, 4, 4), 1 / 3))
