@@ -179,9 +179,6 @@ def test_rows_of_a_batch_that_is_itself_a_view_are_counted_from_its_own_start(ch
 # ----------------------------------------------------------------------------- mix_target=False on dense targets
 
 
-@pytest.mark.xfail(strict=True, reason='bug: global per-sample mixing pastes dense targets even with mix_target=False '
-                                       '(_mix_group_per_sample ignores mix_target for dense targets); MixResult '
-                                       'promises the original targets')
 def test_global_per_sample_mixing_leaves_dense_targets_alone_when_told():
     from dist_cutmix.mixer import mix_batch_across_group, mix_batch_local
 
