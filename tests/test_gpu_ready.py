@@ -1,0 +1,82 @@
+"""The suite on a machine with GPUs: gloo ranks see no GPU, so nothing in them picks one by itself.
+
+On a GPU machine, code that chooses its own device takes the GPU whenever torch sees one: Composer's
+FSDP2 setup (``get_device()`` with no argument) and ``launch/train.py --device auto``. Inside a gloo
+rank that is wrong (Composer then wants NCCL, or a GPU ordinal one GPU lacks). ``launch.spawn``
+starts gloo ranks, and the forkserver they fork from, with ``CUDA_VISIBLE_DEVICES=''``. These tests
+check that environment where it is set, and the device choices it leads to; on a CPU-only host the
+choices are the CPU anyway, so the environment checks are what can fail here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.spawn import GLOO_RANK_ENV
+from launch.train import _device_name
+from tests.spawn import run_ranks
+
+
+def _environment_of_rank(rank: int, world_size: int) -> dict:
+    """What a gloo rank sees: its own CUDA_VISIBLE_DEVICES, its parent's (the forkserver's) and torch's GPU count."""
+    parent = Path(f'/proc/{os.getppid()}')
+    items = (parent / 'environ').read_bytes().decode(errors='replace').split('\0')
+    parent_env = dict(item.split('=', 1) for item in items if '=' in item)
+    return {
+        'visible': os.environ.get('CUDA_VISIBLE_DEVICES'),
+        'parent_visible': parent_env.get('CUDA_VISIBLE_DEVICES'),
+        'parent_cmdline': (parent / 'cmdline').read_bytes().decode(errors='replace').replace('\0', ' '),
+        'cuda_available': torch.cuda.is_available(),
+        'device_count': torch.cuda.device_count(),
+    }
+
+
+@pytest.mark.skipif(not Path('/proc/self/environ').exists(), reason='reads the forkserver environment from /proc')
+def test_gloo_ranks_and_their_forkserver_see_no_gpu(tmp_path: Path) -> None:
+    assert GLOO_RANK_ENV == {'CUDA_VISIBLE_DEVICES': ''}
+    before = os.environ.get('CUDA_VISIBLE_DEVICES')
+    for rank, seen in enumerate(run_ranks(_environment_of_rank, 2, tmp_path, deadline_s=60)):
+        assert seen['visible'] == '', f'rank {rank}: CUDA_VISIBLE_DEVICES={seen["visible"]!r}'
+        # The server the rank forked from started without GPUs too: a device count it cached says 0.
+        assert 'forkserver' in seen['parent_cmdline'], f'rank {rank} was not forked by the forkserver: {seen}'
+        assert seen['parent_visible'] == '', f'rank {rank}: the forkserver has CUDA_VISIBLE_DEVICES={seen}'
+        assert not seen['cuda_available'] and seen['device_count'] == 0, f'rank {rank}: {seen}'
+    # The pytest process keeps its own environment (the variable was set only while the server started).
+    assert os.environ.get('CUDA_VISIBLE_DEVICES') == before
+
+
+def test_a_caller_may_still_show_a_gloo_rank_a_gpu(tmp_path: Path) -> None:
+    # gloo can carry CUDA tensors: a caller that wants a GPU in a gloo rank says so, and its value wins.
+    seen = run_ranks(_environment_of_rank, 1, tmp_path, env={'CUDA_VISIBLE_DEVICES': '0'}, deadline_s=60)
+    assert seen[0]['visible'] == '0'
+
+
+def _device_choices(rank: int, world_size: int) -> dict:
+    from launch.train import _device_name
+
+    return {choice: _device_name(choice, cuda_available=True) for choice in ('auto', 'cpu', 'gpu')}
+
+
+def test_train_device_auto_takes_the_cpu_inside_a_gloo_group_even_with_cuda(tmp_path: Path) -> None:
+    # Outside a process group, auto follows CUDA; inside a gloo rank it must not, whatever torch sees.
+    assert _device_name('auto', cuda_available=True) == 'gpu'
+    assert _device_name('auto', cuda_available=False) == 'cpu'
+    for choices in run_ranks(_device_choices, 2, tmp_path, deadline_s=60):
+        assert choices == {'auto': 'cpu', 'cpu': 'cpu', 'gpu': 'gpu'}
+    with pytest.raises(ValueError, match='--device gpu'):
+        _device_name('gpu', cuda_available=False)
+
+
+def _composer_device(rank: int, world_size: int) -> str:
+    from composer.utils import get_device
+
+    return type(get_device(None)).__name__
+
+
+def test_composer_picks_the_cpu_in_a_gloo_rank(tmp_path: Path) -> None:
+    # Composer's FSDP2 setup calls get_device() with no argument: CUDA_VISIBLE_DEVICES='' makes it the CPU.
+    pytest.importorskip('composer', reason='needs the composer extra')
+    assert run_ranks(_composer_device, 2, tmp_path, deadline_s=60) == ['DeviceCPU', 'DeviceCPU']
