@@ -298,6 +298,17 @@ def box_to_composer(box: Box) -> tuple[int, int, int, int]:
 # ----------------------------------------------------------------------------- applying
 
 
+def _to_device(t: Tensor, device: Union[str, torch.device]) -> Tensor:
+    """``t`` on ``device`` without a host sync: a host tensor bound for CUDA is pinned, then copied ``non_blocking``.
+
+    From pageable memory CUDA stages the copy synchronously, a sync ``torch.cuda.set_sync_debug_mode`` does not
+    report; the pinned copy is fresh, so nothing can change it before the device reads it.
+    """
+    if t.device.type == 'cpu' and torch.device(device).type == 'cuda':
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _box_is_empty(box: Box) -> bool:
     y0, y1, x0, x1 = box
     return y1 <= y0 or x1 <= x0
@@ -311,7 +322,7 @@ def gather_crops(tensor: Tensor, indices: Tensor, box: Box) -> Tensor:
     come back channels_last and pasting them is a plain copy rather than a transpose.
     """
     y0, y1, x0, x1 = box
-    indices = indices.to(tensor.device, non_blocking=True)  # from pageable memory: no host sync, still safe
+    indices = _to_device(indices, tensor.device)
     if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
         return torch.index_select(tensor.permute(0, 2, 3, 1)[:, y0:y1, x0:x1], 0, indices).permute(0, 3, 1, 2)
     return torch.index_select(tensor[..., y0:y1, x0:x1], 0, indices)
@@ -386,7 +397,7 @@ def mix_targets(
             own, other = own.float(), other.float()
     weight = label_lambda(lam)
     if isinstance(weight, Tensor):  # one weight per sample, broadcast over the class axis
-        weight = weight.to(own.device, own.dtype).reshape(-1, *([1] * (own.ndim - 1)))
+        weight = _to_device(weight.to(own.dtype), own.device).reshape(-1, *([1] * (own.ndim - 1)))
     return own * weight + other * (1.0 - weight)
 
 
@@ -489,7 +500,7 @@ def _use_masks(tensor: Tensor) -> bool:
 
 def _box_masks(boxes: Tensor, height: int, width: int, device: torch.device, channels_last: int = 0) -> Tensor:
     """``(K, 1, H, W)`` bool, True inside each box; with ``channels_last=C``, ``(K, H, W * C)`` for NHWC memory."""
-    boxes = boxes.to(device, non_blocking=True)
+    boxes = _to_device(boxes, device)
     rows = torch.arange(height, device=device)
     cols = torch.arange(width * max(channels_last, 1), device=device) // max(channels_last, 1)
     inside_y = ((rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])).to(torch.uint8)
@@ -518,7 +529,7 @@ def gather_box_pixels(tensor: Tensor, rows: Tensor, boxes: Tensor) -> Tensor:
     if len(rows) == 0:
         return x.new_empty(0)
     if _use_masks(x):
-        selected = x.index_select(0, rows.to(x.device, non_blocking=True)).contiguous()
+        selected = x.index_select(0, _to_device(rows, x.device)).contiguous()
         # a mask expanded to the full shape: masked_select over a broadcast mask is several times slower
         mask = _box_masks(boxes, x.shape[-2], x.shape[-1], x.device).expand(selected.shape).contiguous()
         return selected.masked_select(mask)
@@ -538,7 +549,7 @@ def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor
     if len(rows) == 0 or pixels.numel() == 0:
         return tensor
     if _use_masks(x):
-        rows = rows.to(x.device, non_blocking=True)
+        rows = _to_device(rows, x.device)
         region = x.index_select(0, rows).contiguous()
         mask = _box_masks(boxes, x.shape[-2], x.shape[-1], x.device).expand(region.shape).contiguous()
         region.masked_scatter_(mask, pixels)
@@ -605,7 +616,7 @@ def _paste_along_cycles(x: Tensor, partners: list[int], boxes: list[list[int]]) 
 def _blend_boxes(tensor: Tensor, indices: Tensor, boxes: Tensor, out: Optional[Tensor]) -> Tensor:
     """``where(inside box i, tensor[indices[i]], tensor[i])`` for every row, into ``out`` (may be ``tensor``)."""
     x = _as_4d(tensor)
-    indices = indices.to(x.device, non_blocking=True)
+    indices = _to_device(indices, x.device)
     if _channels_last(x):  # index_select returns NCHW; gather the NHWC rows instead, keeping the layout
         partners = x.permute(0, 2, 3, 1).index_select(0, indices).permute(0, 3, 1, 2)
     else:
@@ -708,4 +719,4 @@ def cutmix_batch(
         indices=indices, uniform_sampling=uniform_sampling, generator=generator,
     )
     mixed = apply_cutmix(input, params)
-    return mixed, target[params.indices.to(target.device)], params.lam, box_to_composer(params.box)
+    return mixed, target[_to_device(params.indices, target.device)], params.lam, box_to_composer(params.box)

@@ -131,7 +131,7 @@ def mix_batch_local(
             else F.CutMixParams(box=(0, 0, 0, 0), lam=1.0, indices=params.indices)
     box = params.boxes if per_sample else params.box
     mixed = apply(input, params, inplace=inplace)
-    partner_target = target[params.indices.to(target.device, non_blocking=True)]
+    partner_target = target[F._to_device(params.indices, target.device)]
     mixed_target = mix(target, partner_target, params.lam, box, kind=kind, num_classes=num_classes, validate=False) \
         if mix_target else target
     return MixResult(
@@ -211,7 +211,7 @@ def mix_batch_across_group(
 
     box = params.box
     send_target = F.gather_crops(target, plan.send_order, box) if kind == 'dense' \
-        else target[plan.send_order.to(target.device, non_blocking=True)]
+        else target[F._to_device(plan.send_order, target.device)]
     send = [send_target]
     move_crops = params.lam < 1.0 and sum(sizes) > 0
     if move_crops:
@@ -248,7 +248,7 @@ def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.Pe
     t4 = F._as_4d(target) if dense else target
     pixels = F.gather_box_pixels(input, plan.send_order, send_boxes)
     labels = F.gather_box_pixels(target, plan.send_order, send_boxes) if dense \
-        else target.index_select(0, plan.send_order.to(target.device, non_blocking=True)).reshape(-1)
+        else target.index_select(0, F._to_device(plan.send_order, target.device)).reshape(-1)
 
     def numel_by_rank(rows_boxes: Tensor, ranks: Tensor, per_pixel: int) -> list[int]:
         """Elements each rank's rows take: every row's box area times the elements per pixel."""
@@ -277,7 +277,7 @@ def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.Pe
         mixed_target = F.paste_box_pixels(target.clone(), plan.recv_order, got_labels, arrival_boxes)
     else:
         arrived = got_labels.reshape(len(plan.recv_order), *target.shape[1:])
-        partner_target = arrived.index_select(0, plan.recv_index.to(arrived.device))
+        partner_target = arrived.index_select(0, F._to_device(plan.recv_index, arrived.device))
         mixed_target = F.mix_targets_per_sample(target, partner_target, lam, boxes, kind=kind,
                                                 num_classes=num_classes, validate=False) if mix_target else target
     return MixResult(
