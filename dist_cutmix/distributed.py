@@ -122,7 +122,8 @@ def agree_on_batch(signature: str, size: int, problem: Optional[str], group: Pro
             texts gathered, so every rank can name every rank's view.
     """
     digest = int.from_bytes(hashlib.blake2b(signature.encode(), digest_size=7).digest(), 'little')
-    mine = _to_device(torch.tensor([size, digest, int(problem is not None)], dtype=torch.int64), _comm_device(group))
+    mine = _to_device(torch.tensor([size, digest, int(problem is not None)], dtype=torch.int64, device='cpu'),
+                      _comm_device(group))
     _, world = group_rank_and_size(group)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
@@ -167,9 +168,9 @@ class ExchangePlan:
     def build(cls, perm: Tensor, sizes: Sequence[int], rank: int) -> 'ExchangePlan':
         """Plan the exchange for global permutation ``perm`` over ranks of batch ``sizes``."""
         world = len(sizes)
-        bounds = torch.tensor(list(sizes)).cumsum(0)  # exclusive end of each rank's range
+        bounds = torch.tensor(list(sizes), device='cpu').cumsum(0)  # exclusive end of each rank's range
         offset = int(bounds[rank - 1]) if rank else 0
-        mine = torch.arange(offset, offset + sizes[rank])
+        mine = torch.arange(offset, offset + sizes[rank], device='cpu')
 
         def owner(g: Tensor) -> Tensor:
             return torch.searchsorted(bounds, g, right=True)
@@ -182,7 +183,7 @@ class ExchangePlan:
         # Send: my sample s goes to destination inv[s]; sending in ascending destination order
         # groups rows by destination rank and matches each receiver's ascending-g order.
         inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(len(perm))
+        inv[perm] = torch.arange(len(perm), device='cpu')
         dst = inv[mine]
         send_order = torch.argsort(dst)
         return cls(

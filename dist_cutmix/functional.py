@@ -140,12 +140,12 @@ def sample_lambda(alpha: float, generator: torch.Generator) -> float:
     if alpha == 0:
         return 1.0
     # numpy's Beta sampler, seeded from the explicit torch generator: no global RNG involved.
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device='cpu').item())
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
 def _randint(low: int, high: int, generator: torch.Generator) -> int:
-    return int(torch.randint(low, high, (1,), generator=generator).item())
+    return int(torch.randint(low, high, (1,), generator=generator, device='cpu').item())
 
 
 def sample_box(
@@ -211,10 +211,10 @@ def sample_partners(n: int, *, exclude_self: bool = True, generator: torch.Gener
     its fixed points, if any, are then moved: two or more are rotated among themselves, a single
     one swaps partners with a random other sample.
     """
-    perm = torch.randperm(n, generator=generator)
+    perm = torch.randperm(n, generator=generator, device='cpu')
     if not exclude_self or n < 2:
         return perm
-    fixed = (perm == torch.arange(n)).nonzero().flatten()
+    fixed = (perm == torch.arange(n, device='cpu')).nonzero().flatten()
     if len(fixed) >= 2:
         perm[fixed] = perm[fixed.roll(-1)]
     elif len(fixed) == 1:
@@ -264,7 +264,8 @@ def sample_params(
     if indices is None:
         indices = sample_partners(n, exclude_self=exclude_self, generator=generator)
     else:
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        indices = torch.as_tensor(indices, dtype=torch.long, device=indices.device if isinstance(indices, Tensor)
+                                  else 'cpu')
         if tuple(indices.shape) != (n,) or (n and (int(indices.min()) < 0 or int(indices.max()) >= n)):
             raise ValueError(f'indices must be a ({n},) tensor of values in [0, {n}), got {indices}')
     if box is None:
@@ -465,9 +466,9 @@ def sample_params_per_sample(
     alpha = validate_alpha(alpha)
     indices = sample_partners(n, exclude_self=exclude_self, generator=generator)
     if alpha == 0:
-        nominal = torch.ones(n, dtype=torch.float64)
+        nominal = torch.ones(n, dtype=torch.float64, device='cpu')
     else:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device='cpu').item())
         nominal = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=n))
     ratio = torch.sqrt(1.0 - nominal)
     cut_h, cut_w = (height * ratio).long(), (width * ratio).long()  # int() of a non-negative float: floor
@@ -477,7 +478,7 @@ def sample_params_per_sample(
     else:
         low_y, high_y = torch.zeros_like(cut_h), torch.full_like(cut_h, height)
         low_x, high_x = torch.zeros_like(cut_w), torch.full_like(cut_w, width)
-    u = torch.rand(2, n, dtype=torch.float64, generator=generator)
+    u = torch.rand(2, n, dtype=torch.float64, generator=generator, device='cpu')
     cy = low_y + (u[0] * (high_y - low_y)).long()
     cx = low_x + (u[1] * (high_x - low_x)).long()
     boxes = torch.stack([
@@ -653,7 +654,7 @@ def mix_targets_per_sample(
     """
     if kind != 'dense':
         return mix_targets(target, partner, lam, (0, 0, 0, 0), kind=kind, num_classes=num_classes, validate=validate)
-    rows = torch.arange(target.shape[0])
+    rows = torch.arange(target.shape[0], device='cpu')
     if partner.ndim == 1:
         return paste_box_pixels(target.clone(), rows, partner, boxes)
     if _use_masks(_as_4d(target)):

@@ -136,7 +136,7 @@ def mix_batch_local(
         if mix_target else target
     return MixResult(
         input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=box,
-        partner_rank=torch.full((n,), rank), partner_index=params.indices, kind=kind,
+        partner_rank=torch.full((n,), rank, device='cpu'), partner_index=params.indices, kind=kind,
     )
 
 
@@ -198,11 +198,11 @@ def mix_batch_across_group(
     params = draw(sum(sizes), h, w, alpha=alpha, uniform_sampling=uniform_sampling, exclude_self=exclude_self,
                   generator=generator)
     plan = ExchangePlan.build(params.indices, sizes, rank)
-    bounds = torch.tensor(sizes).cumsum(0)
+    bounds = torch.tensor(sizes, device='cpu').cumsum(0)
     partner_rank = torch.searchsorted(bounds, plan.partners, right=True)
-    partner_index = plan.partners - (bounds - torch.tensor(sizes))[partner_rank]
+    partner_index = plan.partners - (bounds - torch.tensor(sizes, device='cpu'))[partner_rank]
     owners = torch.searchsorted(bounds, params.indices, right=True)
-    self_owner = torch.searchsorted(bounds, torch.arange(sum(sizes)), right=True)
+    self_owner = torch.searchsorted(bounds, torch.arange(sum(sizes), device='cpu'), right=True)
     cross = float((owners != self_owner).float().mean()) if sum(sizes) else 0.0
     if isinstance(params, F.PerSampleParams):
         return _mix_group_per_sample(input, target, kind, params, plan, rank, group, num_classes=num_classes,
@@ -256,7 +256,7 @@ def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.Pe
         return torch.bincount(ranks, weights=weights, minlength=world).long().tolist()
 
     # sent rows are grouped by destination rank; received rows arrive grouped by source rank
-    dest_rank = torch.repeat_interleave(torch.arange(world), torch.tensor(plan.send_counts))
+    dest_rank = torch.repeat_interleave(torch.arange(world, device='cpu'), torch.tensor(plan.send_counts, device='cpu'))
     src_rank = partner_rank[plan.recv_order]
     arrival_boxes = boxes[plan.recv_order]
     label_width = math.prod(target.shape[1:])
