@@ -9,7 +9,10 @@ choices are the CPU anyway, so the environment checks are what can fail here.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +141,67 @@ def test_draws_and_mixes_of_cpu_tensors_ignore_the_default_device() -> None:
     assert actual.keys() == expected.keys()
     for key in expected:
         _assert_equal(expected[key], actual[key], key)
+
+
+# ----------------------------------------------------------------------------- the prepared GPU check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _block_composer(folder: Path) -> Path:
+    """A folder that, first on PYTHONPATH, makes ``import composer`` fail as where it is not installed."""
+    (folder / 'composer').mkdir(parents=True)
+    (folder / 'composer' / '__init__.py').write_text("raise ImportError('composer is blocked for this test')\n")
+    return folder
+
+
+def _run_gpu_check(outdir: Path, pythonpath: list[Path]) -> tuple[subprocess.CompletedProcess, dict]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in pythonpath), OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, 'launch/gpu_check.py', str(outdir), '--quick'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    report = json.loads((outdir / 'gpu_check.json').read_text())
+    return proc, report
+
+
+def _check_stopped_for_cuda_only(proc: subprocess.CompletedProcess, report: dict, outdir: Path) -> None:
+    out = f'stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}'
+    assert proc.returncode == 2, out
+    steps = report['steps']
+    assert [n for n, s in steps.items() if s['status'] == 'ok'] == ['environment', 'imports', 'cpu reference'], out
+    assert steps['cuda']['status'] == 'failed' and steps['cuda']['reason'].startswith('needs CUDA: '), steps['cuda']
+    assert all(steps[n] == {'status': 'not run', 'reason': 'needs CUDA', 'seconds': 0.0}
+               for n in ('cuda tests', 'op benchmark', 'train step'))
+    assert 'want of CUDA only' in report['verdict']
+    # the CPU reference ran the op benchmark's peers and every train-step variant for real
+    [row] = steps['cpu reference']['result']['op']['rows']
+    for impl in ('ours', 'timm', 'torchvision', 'floor'):
+        assert 0 < row['median_s'][impl] < 1, (impl, row['median_s'])
+    step = steps['cpu reference']['result']['step']
+    from launch.gpu_check import STEP_VARIANTS
+
+    assert list(step['median_ms']) == list(STEP_VARIANTS) and all(v > 0 for v in step['median_ms'].values())
+    md = (outdir / 'gpu_check.md').read_text()
+    assert 'needs CUDA: CUDA is not available here' in md and '| cpu reference | ok |' in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks what the GPU check does where CUDA is missing')
+def test_gpu_check_here_stops_only_for_want_of_cuda_and_writes_what_it_can(tmp_path: Path) -> None:
+    proc, report = _run_gpu_check(tmp_path / 'out', [ROOT])
+    _check_stopped_for_cuda_only(proc, report, tmp_path / 'out')
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks what the GPU check does where CUDA is missing')
+def test_gpu_check_runs_without_composer(tmp_path: Path) -> None:
+    blocked = _block_composer(tmp_path / 'blocked')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocked), str(ROOT)]))
+    probe = subprocess.run([sys.executable, '-c', 'import dist_cutmix.functional'], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0 and 'composer is blocked' in probe.stderr:
+        pytest.skip('dist_cutmix/__init__.py still imports Composer: the core imports without it once Composer '
+                    'is an optional extra (issue 17)')
+    proc, report = _run_gpu_check(tmp_path / 'out', [blocked, ROOT])
+    _check_stopped_for_cuda_only(proc, report, tmp_path / 'out')
+    assert report['steps']['environment']['result']['composer'] is None
+    assert report['steps']['imports']['result']['composer_imported'] is False
+    [row] = report['steps']['cpu reference']['result']['op']['rows']
+    assert 'composer' not in row['median_s']  # the peer is left out, the others timed
