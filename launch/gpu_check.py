@@ -1,6 +1,6 @@
 """The prepared GPU check: everything of ours that needs a GPU and no Composer, in one command.
 
-    PYTHONPATH=. python launch/gpu_check.py OUTDIR            # about 3-5 minutes on one GPU
+    PYTHONPATH=. python launch/gpu_check.py OUTDIR            # estimated 3-5 minutes on one GPU (not yet timed)
     PYTHONPATH=. python launch/gpu_check.py OUTDIR --quick    # a smoke run of the same steps
 
 Made for a machine with one GPU, Python, torch, torchmetrics, timm, torchvision, pytest, pytest-xdist
