@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dist_cutmix.functional import _to_device
+
 __all__ = [
     'BatchMismatchError',
     'ExchangePlan',
@@ -94,6 +96,13 @@ def _comm_device(group: ProcessGroup) -> torch.device:
     return torch.device('cpu')
 
 
+def _wire(t: Tensor, group: ProcessGroup) -> Tensor:
+    """``t`` where the backend can send it: NCCL carries CUDA tensors only, so a host tensor (a CPU target beside a
+    CUDA input) crosses on the current GPU, and comes back to the host after (a host sync, in that case only)."""
+    comm = _comm_device(group)
+    return _to_device(t, comm) if comm.type == 'cuda' and t.device.type != 'cuda' else t
+
+
 def agree_on_batch(signature: str, size: int, problem: Optional[str], group: ProcessGroup) -> list[int]:
     """Check that all ranks of ``group`` can mix together; return every rank's batch size.
 
@@ -113,11 +122,12 @@ def agree_on_batch(signature: str, size: int, problem: Optional[str], group: Pro
             texts gathered, so every rank can name every rank's view.
     """
     digest = int.from_bytes(hashlib.blake2b(signature.encode(), digest_size=7).digest(), 'little')
-    mine = torch.tensor([size, digest, int(problem is not None)], dtype=torch.int64, device=_comm_device(group))
+    mine = _to_device(torch.tensor([size, digest, int(problem is not None)], dtype=torch.int64, device='cpu'),
+                      _comm_device(group))
     _, world = group_rank_and_size(group)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
-    rows = [t.tolist() for t in table]
+    rows = torch.stack(table).tolist()  # one read of the table: one host sync, not one per rank
     if any(r[2] for r in rows) or len({r[1] for r in rows}) > 1:
         texts: list[Optional[str]] = [None] * world
         dist.all_gather_object(texts, problem or signature, group=group)
@@ -158,9 +168,9 @@ class ExchangePlan:
     def build(cls, perm: Tensor, sizes: Sequence[int], rank: int) -> 'ExchangePlan':
         """Plan the exchange for global permutation ``perm`` over ranks of batch ``sizes``."""
         world = len(sizes)
-        bounds = torch.tensor(list(sizes)).cumsum(0)  # exclusive end of each rank's range
+        bounds = torch.tensor(list(sizes), device='cpu').cumsum(0)  # exclusive end of each rank's range
         offset = int(bounds[rank - 1]) if rank else 0
-        mine = torch.arange(offset, offset + sizes[rank])
+        mine = torch.arange(offset, offset + sizes[rank], device='cpu')
 
         def owner(g: Tensor) -> Tensor:
             return torch.searchsorted(bounds, g, right=True)
@@ -173,7 +183,7 @@ class ExchangePlan:
         # Send: my sample s goes to destination inv[s]; sending in ascending destination order
         # groups rows by destination rank and matches each receiver's ascending-g order.
         inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(len(perm))
+        inv[perm] = torch.arange(len(perm), device='cpu')
         dst = inv[mine]
         send_order = torch.argsort(dst)
         return cls(
@@ -221,17 +231,18 @@ def exchange_rows(rows: Sequence[Tensor], plan: ExchangePlan, group: ProcessGrou
 
 def _all_to_all(send: Tensor, plan: ExchangePlan, group: ProcessGroup) -> Tensor:
     """Rows in arrival order: grouped by source rank, as ``plan`` counts them."""
+    home, send = send.device, _wire(send, group)
     received = send.new_empty((sum(plan.recv_counts), *send.shape[1:]))
     dist.all_to_all_single(
         received, send, output_split_sizes=plan.recv_counts, input_split_sizes=plan.send_counts, group=group,
     )
-    return received
+    return received.to(home)
 
 
 def _in_local_order(received: Tensor, plan: ExchangePlan) -> Tensor:
     # A row-wise gather (index_select), not ``out[arrival_order] = received``: advanced-index
     # assignment runs an element-wise kernel, many times slower on a byte buffer.
-    return received.index_select(0, plan.recv_index.to(received.device))
+    return received.index_select(0, _to_device(plan.recv_index, received.device))
 
 
 def exchange_ragged(
@@ -258,7 +269,7 @@ def exchange_ragged(
     if world == 1:
         return [p.clone() for p in payloads]
     sizes = [p.element_size() for p in payloads]
-    raw = [p.contiguous().view(torch.uint8) for p in payloads]
+    raw = [_wire(p.contiguous().view(torch.uint8), group) for p in payloads]
     starts = [[0] + list(itertools.accumulate(b * size for b in counts))
               for counts, size in zip(send_numel, sizes, strict=True)]
     segments, send_bytes = [], []
@@ -279,5 +290,5 @@ def exchange_ragged(
             pieces[k].append(received[offset:offset + n])
             offset += n
     # A fresh buffer per payload: a byte slice's offset may not suit a view as the wider dtype.
-    return [torch.cat(piece).view(p.dtype) if piece else p.new_empty(0)
+    return [torch.cat(piece).view(p.dtype).to(p.device) if piece else p.new_empty(0)
             for piece, p in zip(pieces, payloads, strict=True)]

@@ -149,12 +149,12 @@ def sample_lambda(alpha: float, generator: torch.Generator) -> float:
     if alpha == 0:
         return 1.0
     # numpy's Beta sampler, seeded from the explicit torch generator: no global RNG involved.
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device='cpu').item())
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
 def _randint(low: int, high: int, generator: torch.Generator) -> int:
-    return int(torch.randint(low, high, (1,), generator=generator).item())
+    return int(torch.randint(low, high, (1,), generator=generator, device='cpu').item())
 
 
 def sample_box(
@@ -220,10 +220,10 @@ def sample_partners(n: int, *, exclude_self: bool = True, generator: torch.Gener
     its fixed points, if any, are then moved: two or more are rotated among themselves, a single
     one swaps partners with a random other sample.
     """
-    perm = torch.randperm(n, generator=generator)
+    perm = torch.randperm(n, generator=generator, device='cpu')
     if not exclude_self or n < 2:
         return perm
-    fixed = (perm == torch.arange(n)).nonzero().flatten()
+    fixed = (perm == torch.arange(n, device='cpu')).nonzero().flatten()
     if len(fixed) >= 2:
         perm[fixed] = perm[fixed.roll(-1)]
     elif len(fixed) == 1:
@@ -273,7 +273,8 @@ def sample_params(
     if indices is None:
         indices = sample_partners(n, exclude_self=exclude_self, generator=generator)
     else:
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        indices = torch.as_tensor(indices, dtype=torch.long, device=indices.device if isinstance(indices, Tensor)
+                                  else 'cpu')
         if tuple(indices.shape) != (n,) or (n and (int(indices.min()) < 0 or int(indices.max()) >= n)):
             raise ValueError(f'indices must be a ({n},) tensor of values in [0, {n}), got {indices}')
     if box is None:
@@ -307,6 +308,17 @@ def box_to_composer(box: Box) -> tuple[int, int, int, int]:
 # ----------------------------------------------------------------------------- applying
 
 
+def _to_device(t: Tensor, device: Union[str, torch.device]) -> Tensor:
+    """``t`` on ``device`` without a host sync: a host tensor bound for CUDA is pinned, then copied ``non_blocking``.
+
+    From pageable memory CUDA stages the copy synchronously, a sync ``torch.cuda.set_sync_debug_mode`` does not
+    report; the pinned copy is fresh, so nothing can change it before the device reads it.
+    """
+    if t.device.type == 'cpu' and torch.device(device).type == 'cuda':
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _box_is_empty(box: Box) -> bool:
     y0, y1, x0, x1 = box
     return y1 <= y0 or x1 <= x0
@@ -320,7 +332,7 @@ def gather_crops(tensor: Tensor, indices: Tensor, box: Box) -> Tensor:
     come back channels_last and pasting them is a plain copy rather than a transpose.
     """
     y0, y1, x0, x1 = box
-    indices = indices.to(tensor.device, non_blocking=True)  # from pageable memory: no host sync, still safe
+    indices = _to_device(indices, tensor.device)
     if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
         return torch.index_select(tensor.permute(0, 2, 3, 1)[:, y0:y1, x0:x1], 0, indices).permute(0, 3, 1, 2)
     return torch.index_select(tensor[..., y0:y1, x0:x1], 0, indices)
@@ -395,8 +407,8 @@ def blend(own: Tensor, partner: Tensor, weight: LamLike) -> Tensor:
         w = weight.to(torch.float64)
         shape = (-1,) + (1,) * (own.ndim - 1)
         # converted on the host, then one copy each: the weights are exact in float32 (a 2**-10 grid)
-        keep = (1.0 - w).to(compute).reshape(shape).to(own.device, non_blocking=True)
-        take = w.to(compute).reshape(shape).to(own.device, non_blocking=True)
+        keep = _to_device((1.0 - w).to(compute).reshape(shape), own.device)
+        take = _to_device(w.to(compute).reshape(shape), own.device)
         mixed = a * keep + b * take
     else:
         mixed = a * (1.0 - weight) + b * weight
@@ -466,7 +478,7 @@ def mix_targets(
             own, other = own.float(), other.float()
     keep = label_lambda(lam)
     if isinstance(keep, Tensor):  # one weight per sample, broadcast over the class axis
-        keep = keep.to(own.dtype).reshape(-1, *([1] * (own.ndim - 1))).to(own.device, non_blocking=True)
+        keep = _to_device(keep.to(own.dtype), own.device).reshape(-1, *([1] * (own.ndim - 1)))
     mixed = own * keep + other * (1.0 - keep)
     if smoothing:
         mixed = mixed * (1.0 - smoothing) + smoothing / mixed.shape[1]
@@ -571,9 +583,9 @@ def sample_params_per_sample(
     alpha = validate_alpha(alpha)
     indices = sample_partners(n, exclude_self=exclude_self, generator=generator)
     if alpha == 0:
-        nominal = torch.ones(n, dtype=torch.float64)
+        nominal = torch.ones(n, dtype=torch.float64, device='cpu')
     else:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device='cpu').item())
         nominal = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=n))
     boxes = boxes_for_lambda(nominal, height, width, uniform_sampling=uniform_sampling, generator=generator)
     return PerSampleParams(boxes=boxes, lam=boxes_lambda(boxes, height, width), indices=indices)
@@ -591,7 +603,7 @@ def boxes_for_lambda(nominal: Tensor, height: int, width: int, *, uniform_sampli
     else:
         low_y, high_y = torch.zeros_like(cut_h), torch.full_like(cut_h, height)
         low_x, high_x = torch.zeros_like(cut_w), torch.full_like(cut_w, width)
-    u = torch.rand(2, n, dtype=torch.float64, generator=generator)
+    u = torch.rand(2, n, dtype=torch.float64, generator=generator, device='cpu')
     cy = low_y + (u[0] * (high_y - low_y)).long()
     cx = low_x + (u[1] * (high_x - low_x)).long()
     boxes = torch.stack([
@@ -614,7 +626,7 @@ def _use_masks(tensor: Tensor) -> bool:
 
 def _box_masks(boxes: Tensor, height: int, width: int, device: torch.device, channels_last: int = 0) -> Tensor:
     """``(K, 1, H, W)`` bool, True inside each box; with ``channels_last=C``, ``(K, H, W * C)`` for NHWC memory."""
-    boxes = boxes.to(device, non_blocking=True)
+    boxes = _to_device(boxes, device)
     rows = torch.arange(height, device=device)
     cols = torch.arange(width * max(channels_last, 1), device=device) // max(channels_last, 1)
     inside_y = ((rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])).to(torch.uint8)
@@ -643,7 +655,7 @@ def gather_box_pixels(tensor: Tensor, rows: Tensor, boxes: Tensor) -> Tensor:
     if len(rows) == 0:
         return x.new_empty(0)
     if _use_masks(x):
-        selected = x.index_select(0, rows.to(x.device, non_blocking=True)).contiguous()
+        selected = x.index_select(0, _to_device(rows, x.device)).contiguous()
         # a mask expanded to the full shape: masked_select over a broadcast mask is several times slower
         mask = _box_masks(boxes, x.shape[-2], x.shape[-1], x.device).expand(selected.shape).contiguous()
         return selected.masked_select(mask)
@@ -670,7 +682,7 @@ def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor
     if weights is not None and bool((weights == 1).all()):
         weights = None
     if _use_masks(x):
-        rows = rows.to(x.device, non_blocking=True)
+        rows = _to_device(rows, x.device)
         region = x.index_select(0, rows).contiguous()
         mask = _box_masks(boxes, x.shape[-2], x.shape[-1], x.device).expand(region.shape).contiguous()
         if weights is None:
@@ -693,7 +705,7 @@ def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor
 
 def _take_or_blend(own: Tensor, partner: Tensor, weights: Tensor) -> Tensor:
     """Per row: ``partner`` where the weight is 1 (exactly its pixels), else :func:`blend`."""
-    take = (weights == 1).to(own.device, non_blocking=True).reshape((-1,) + (1,) * (own.ndim - 1))
+    take = _to_device((weights == 1).reshape((-1,) + (1,) * (own.ndim - 1)), own.device)
     return torch.where(take, partner, blend(own, partner, weights))
 
 
@@ -769,7 +781,7 @@ def _blend_boxes(tensor: Tensor, indices: Tensor, boxes: Tensor, out: Optional[T
     """``where(inside box i, tensor[indices[i]], tensor[i])`` for every row, into ``out`` (may be ``tensor``);
     with ``weights``, rows whose weight is below 1 take :func:`blend` of the two inside the box."""
     x = _as_4d(tensor)
-    indices = indices.to(x.device, non_blocking=True)
+    indices = _to_device(indices, x.device)
     if _channels_last(x):  # index_select returns NCHW; gather the NHWC rows instead, keeping the layout
         partners = x.permute(0, 2, 3, 1).index_select(0, indices).permute(0, 3, 1, 2)
     else:
@@ -820,7 +832,7 @@ def mix_targets_per_sample(
             _dense_weight(target, 0.5)  # raises for index maps
         else:
             weights = None
-    rows = torch.arange(target.shape[0])
+    rows = torch.arange(target.shape[0], device='cpu')
     if partner.ndim == 1:
         return paste_box_pixels(target.clone(), rows, partner, boxes, weights)
     if _use_masks(_as_4d(target)):

@@ -150,11 +150,11 @@ def mix_batch_local(
             else F.CutMixParams(box=(0, 0, 0, 0), lam=1.0, indices=params.indices)
     box = params.boxes if per_sample else params.box
     mixed = F.apply_mix(input, params, inplace=inplace)
-    partner_target = target[params.indices.to(target.device, non_blocking=True)]
+    partner_target = target[F._to_device(params.indices, target.device)]
     mixed_target = _mix_targets(target, partner_target, params, kind, num_classes, spec) if mix_target else target
     return MixResult(
         input=mixed, target=mixed_target, partner_target=partner_target, lam=params.lam, box=box,
-        partner_rank=torch.full((n,), rank), partner_index=params.indices, kind=kind,
+        partner_rank=torch.full((n,), rank, device='cpu'), partner_index=params.indices, kind=kind,
     )
 
 
@@ -229,11 +229,11 @@ def mix_batch_across_group(
     generator = batch_generator(seed, batch, *group_stream_key(group))
     params = sample_mix(spec, sum(sizes), h, w, per_sample=per_sample, exclude_self=exclude_self, generator=generator)
     plan = ExchangePlan.build(params.indices, sizes, rank)
-    bounds = torch.tensor(sizes).cumsum(0)
+    bounds = torch.tensor(sizes, device='cpu').cumsum(0)
     partner_rank = torch.searchsorted(bounds, plan.partners, right=True)
-    partner_index = plan.partners - (bounds - torch.tensor(sizes))[partner_rank]
+    partner_index = plan.partners - (bounds - torch.tensor(sizes, device='cpu'))[partner_rank]
     owners = torch.searchsorted(bounds, params.indices, right=True)
-    self_owner = torch.searchsorted(bounds, torch.arange(sum(sizes)), right=True)
+    self_owner = torch.searchsorted(bounds, torch.arange(sum(sizes), device='cpu'), right=True)
     cross = float((owners != self_owner).float().mean()) if sum(sizes) else 0.0
     if isinstance(params, F.PerSampleParams):
         return _mix_group_per_sample(input, target, kind, params, plan, rank, group, num_classes=num_classes,
@@ -242,7 +242,7 @@ def mix_batch_across_group(
 
     box = params.box
     send_target = F.gather_crops(target, plan.send_order, box) if kind == 'dense' \
-        else target[plan.send_order.to(target.device, non_blocking=True)]
+        else target[F._to_device(plan.send_order, target.device)]
     send = [send_target]
     move_crops = params.lam < 1.0 and params.weight > 0 and sum(sizes) > 0
     if move_crops:
@@ -280,7 +280,7 @@ def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.Pe
     t4 = F._as_4d(target) if dense else target
     pixels = F.gather_box_pixels(input, plan.send_order, send_boxes)
     labels = F.gather_box_pixels(target, plan.send_order, send_boxes) if dense \
-        else target.index_select(0, plan.send_order.to(target.device, non_blocking=True)).reshape(-1)
+        else target.index_select(0, F._to_device(plan.send_order, target.device)).reshape(-1)
 
     def numel_by_rank(rows_boxes: Tensor, ranks: Tensor, per_pixel: int) -> list[int]:
         """Elements each rank's rows take: every row's box area times the elements per pixel."""
@@ -288,7 +288,7 @@ def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.Pe
         return torch.bincount(ranks, weights=weights, minlength=world).long().tolist()
 
     # sent rows are grouped by destination rank; received rows arrive grouped by source rank
-    dest_rank = torch.repeat_interleave(torch.arange(world), torch.tensor(plan.send_counts))
+    dest_rank = torch.repeat_interleave(torch.arange(world, device='cpu'), torch.tensor(plan.send_counts, device='cpu'))
     src_rank = partner_rank[plan.recv_order]
     arrival_boxes = boxes[plan.recv_order]
     label_width = math.prod(target.shape[1:])
@@ -310,7 +310,7 @@ def _mix_group_per_sample(input: Tensor, target: Tensor, kind: str, params: F.Pe
                                           arrival_weights) if mix_target else target
     else:
         arrived = got_labels.reshape(len(plan.recv_order), *target.shape[1:])
-        partner_target = arrived.index_select(0, plan.recv_index.to(arrived.device))
+        partner_target = arrived.index_select(0, F._to_device(plan.recv_index, arrived.device))
         mine_params = F.PerSampleParams(boxes=boxes, lam=lam, indices=partner_index, weights=weights)
         mixed_target = _mix_targets(target, partner_target, mine_params, kind, num_classes, spec) \
             if mix_target else target

@@ -125,7 +125,8 @@ def _minmax_boxes(n: int, height: int, width: int, minmax: tuple[float, float],
     sides = []
     for k, size in enumerate((height, width)):
         lo, hi = int(size * minmax[0]), int(size * minmax[1])
-        sides.append(lo + (u[k] * max(hi - lo, 0)).long() if hi > lo else torch.full((n,), lo, dtype=torch.long))
+        fixed = torch.full((n,), lo, dtype=torch.long, device='cpu')
+        sides.append(lo + (u[k] * (hi - lo)).long() if hi > lo else fixed)
     cut_h, cut_w = sides
     y0 = (u[2] * (height - cut_h + 1)).long()  # timm: randint(0, H - cut_h + 1), the far edge included
     x0 = (u[3] * (width - cut_w + 1)).long()
@@ -177,20 +178,20 @@ def sample_mix(
     if spec.cutmix_alpha > 0 and spec.mixup_alpha > 0:
         use_cutmix = u[1] < spec.switch_prob
     else:
-        use_cutmix = torch.full((count,), spec.cutmix_alpha > 0)
+        use_cutmix = torch.full((count,), spec.cutmix_alpha > 0, device='cpu')
     use_cutmix &= mixed
     use_mixup = mixed & ~use_cutmix
-    nominal = torch.ones(count, dtype=torch.float64)
+    nominal = torch.ones(count, dtype=torch.float64, device='cpu')
     if spec.cutmix_alpha > 0:
         nominal = torch.where(use_cutmix, torch.from_numpy(_beta(spec.cutmix_alpha, count, generator)), nominal)
-    weight = torch.zeros(count, dtype=torch.float64)
+    weight = torch.zeros(count, dtype=torch.float64, device='cpu')
     if spec.mixup_alpha > 0:
         lam_mix = _beta(spec.mixup_alpha, count, generator)
         weight = torch.where(use_mixup, torch.from_numpy(_partner_weight(lam_mix, spec.mixup_fold)), weight)
-    boxes = torch.zeros(count, 4, dtype=torch.long)
+    boxes = torch.zeros(count, 4, dtype=torch.long, device='cpu')
     if bool(use_cutmix.any()):
         boxes = torch.where(use_cutmix[:, None], _cutmix_boxes(nominal, height, width, spec, generator), boxes)
-    full = torch.tensor([0, height, 0, width])
+    full = torch.tensor([0, height, 0, width], device='cpu')
     boxes = torch.where(use_mixup[:, None] & (weight > 0)[:, None], full, boxes)
     weight = torch.where(use_cutmix, torch.ones_like(weight), weight)
     lam = 1.0 - weight * F.box_areas(boxes).double() / max(height * width, 1)

@@ -154,8 +154,10 @@ def _pinned_torchvision(holder: dict[str, Any]) -> Any:
 def _check_same_work(x: torch.Tensor, y: torch.Tensor, p: F.CutMixParams, timm_mixup: Any, tv_cutmix: Any,
                      holder: dict[str, Any]) -> None:
     """Every implementation must produce the same pixels as ours for the same box and partners."""
-    from composer.functional import cutmix_batch as composer_cutmix_batch
-
+    try:
+        from composer.functional import cutmix_batch as composer_cutmix_batch
+    except ImportError:  # no Composer: its peer is not timed either
+        composer_cutmix_batch = None
     n = x.shape[0]
     holder.update(box=p.box, lam=p.lam)
     expect = F.apply_cutmix(x, p)
@@ -165,10 +167,11 @@ def _check_same_work(x: torch.Tensor, y: torch.Tensor, p: F.CutMixParams, timm_m
         'ours in place': (F.apply_cutmix(x.clone(), p, inplace=True), expect),
         'ours cutmix_batch': (F.cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices,
                                              generator=torch.Generator())[0], expect),
-        'composer': (composer_cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices)[0], expect),
         'timm': (timm_mixup(x.clone(), y)[0], F.apply_cutmix(x, flip)),
         'torchvision': (tv_cutmix(x, y)[0], F.apply_cutmix(x, roll)),
     }
+    if composer_cutmix_batch is not None:
+        got['composer'] = (composer_cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices)[0], expect)
     for name, (a, b) in got.items():
         if not torch.equal(a, b):
             raise RuntimeError(f'{name} does not reproduce the expected CutMix for box {p.box}, input {tuple(x.shape)} '
@@ -301,11 +304,14 @@ def _op_entries(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor, draws: Sequ
         holder.update(box=draws[i].box, lam=draws[i].lam)
         tv_cutmix(x, y)
 
-    return {
+    entries = {
         'floor': floor, 'ours': ours, 'ours+targets': ours_targets,
         'ours cutmix_batch': ours_cutmix_batch,
         'composer': composer, 'timm': timm, 'torchvision': torchvision,
     }
+    if composer_cutmix_batch is None:  # no Composer installed: its peer is left out, its columns read n/a
+        del entries['composer']
+    return entries
 
 
 def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 0,
@@ -336,8 +342,10 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
         RuntimeError: if an implementation does not reproduce ours for the same box and partners,
             or for ``device='cuda'`` where CUDA is not available.
     """
-    from composer.functional import cutmix_batch as composer_cutmix_batch
-
+    try:
+        from composer.functional import cutmix_batch as composer_cutmix_batch
+    except ImportError:  # the core runs without Composer (launch/gpu_check.py): time the other peers
+        composer_cutmix_batch = None
     dev = check_device(device)
     cuda = dev.type == 'cuda'
     rows = []
@@ -363,14 +371,16 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
                 entries = _op_entries(x, y, src, draws, holder, timm_mixup, tv_cutmix, composer_cutmix_batch)
                 samples, faults = time_round_robin(entries, n_iters, warmup, cuda=cuda)
                 ours_s = samples['ours']
+                nan = [float('nan')] * len(ours_s)
                 ratio = {
-                    'composer/ours': paired_ratio(samples['composer'], ours_s),
+                    'composer/ours': paired_ratio(samples.get('composer', nan), ours_s),
                     'timm/ours': paired_ratio(samples['timm'], ours_s),
                     'torchvision/ours': paired_ratio(samples['torchvision'], ours_s),
-                    'composer/ours cutmix_batch': paired_ratio(samples['composer'], samples['ours cutmix_batch']),
+                    'composer/ours cutmix_batch': paired_ratio(samples.get('composer', nan),
+                                                               samples['ours cutmix_batch']),
                     'ours/floor': paired_ratio(ours_s, samples['floor']),
                 }
-                peers = ('composer', 'timm', 'torchvision')
+                peers = [k for k in ('composer', 'timm', 'torchvision') if k in samples]
                 ratio['min peer/ours'] = min(ratio[f'{k}/ours'] for k in peers)
                 used = draws[warmup:warmup + n_iters]
                 # The floor reads and writes each pasted element once.
@@ -395,7 +405,7 @@ def op_markdown(rows: Sequence[dict[str, Any]]) -> str:
     times = md_table(
         ['shape', 'layout', 'calls', 'box share'] + [f'{k} (ms)' for k in IMPLS] + ['floor GB/s'],
         [[shape_str(r['shape']), r['layout'], r['iters'], r['mean_box_share']]
-         + [r['median_s'][k] * 1e3 for k in IMPLS] + [r['floor_gbps']] for r in rows],
+         + [r['median_s'].get(k, float('nan')) * 1e3 for k in IMPLS] + [r['floor_gbps']] for r in rows],
     )
     keys = ['composer/ours', 'timm/ours', 'torchvision/ours', 'composer/ours cutmix_batch', 'ours/floor',
             'min peer/ours']
@@ -406,7 +416,7 @@ def op_markdown(rows: Sequence[dict[str, Any]]) -> str:
         ['shape', 'layout', "ours' in-place apply: top aten ops by self CPU time"]
         + [f'{k} faults/call' for k in fault_impls],
         [[shape_str(r['shape']), r['layout'], ', '.join(f'{k} {s:.0%}' for k, s in r['profile'])]
-         + [r['faults_per_call'][k] for k in fault_impls] for r in rows],
+         + [r['faults_per_call'].get(k, float('nan')) for k in fault_impls] for r in rows],
     )
     intro = ('`ours` = `apply_cutmix(x, params, inplace=True)` (as the algorithm uses it); `ours+targets` adds '
              '`mix_targets` (index -> soft, as the peers do); `ours cutmix_batch` is the out-of-place drop-in; '

@@ -8,6 +8,12 @@ torch and Composer preloaded (about 0.1 s a rank instead of seconds of imports).
 has imported torch with CPU state and must not hand it to a process that initialises CUDA. A
 rank's traceback travels back to the caller; a rank that fails, hangs or never starts raises there.
 Nothing here falls back to one process.
+
+Gloo ranks see no GPU: they start with ``CUDA_VISIBLE_DEVICES=''`` (unless the caller's ``env`` says
+otherwise), and so does the forkserver they fork from, so a CUDA state the preloaded imports might
+create there counts no device either. Code that picks its device itself (Composer's FSDP2 setup calls
+``get_device()``, which takes the GPU whenever torch sees one; ``launch/train.py --device auto``)
+then picks the CPU, as a gloo group needs, on a machine with GPUs too.
 """
 from __future__ import annotations
 
@@ -20,10 +26,35 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-__all__ = ['FORKSERVER', 'answer_cpuinfo_from_constant', 'run_ranks']
+__all__ = ['FORKSERVER', 'GLOO_RANK_ENV', 'answer_cpuinfo_from_constant', 'run_ranks']
 
 FORKSERVER = mp.get_context('forkserver')
 FORKSERVER.set_forkserver_preload(['torch', 'torch.distributed', 'composer', 'composer.trainer', 'dist_cutmix'])
+
+
+GLOO_RANK_ENV = {'CUDA_VISIBLE_DEVICES': ''}
+"""Set in every gloo rank (before its body runs) and in the forkserver it forks from: no GPU in sight."""
+
+
+def _ensure_forkserver_sees_no_gpu() -> None:
+    """Start the forkserver, if it is not running, with ``GLOO_RANK_ENV`` in its environment.
+
+    The server is an ``exec``'d interpreter that inherits this process's environment at start; a
+    forked rank inherits the server's memory, including any CUDA device count cached there, which
+    a later ``CUDA_VISIBLE_DEVICES`` in the rank would no longer change. Only gloo ranks use the server.
+    """
+    from multiprocessing import forkserver
+
+    saved = {k: os.environ.get(k) for k in GLOO_RANK_ENV}
+    os.environ.update(GLOO_RANK_ENV)
+    try:
+        forkserver.ensure_running()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def answer_cpuinfo_from_constant() -> None:
@@ -76,6 +107,11 @@ def _child(
 
     torch.set_num_threads(threads)
     try:
+        if backend == 'gloo' and os.environ.get('CUDA_VISIBLE_DEVICES') == '' and torch.cuda.is_available():
+            raise RuntimeError(
+                "a gloo rank sees a GPU although CUDA_VISIBLE_DEVICES='': CUDA was initialised before the rank "
+                'was forked (in the forkserver?), so code that picks its own device would take the GPU',
+            )
         if backend == 'nccl':
             if not torch.cuda.device_count():
                 raise RuntimeError("backend='nccl' needs a CUDA GPU; torch sees none in this rank")
@@ -126,7 +162,8 @@ def run_ranks(
         collective_timeout_s: the process group's timeout; once one rank failed, its peers get
             this long (plus 5 s) to fail too before they are killed.
         env: environment variables set in every rank (``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` and
-            ``NODE_RANK`` given here override the one-node defaults).
+            ``NODE_RANK`` given here override the one-node defaults). Gloo ranks get
+            ``GLOO_RANK_ENV`` (no GPU visible) first; a ``CUDA_VISIBLE_DEVICES`` given here wins.
         per_rank_env: more variables, per rank.
         setup: called in every rank before it joins the group.
         error: the exception type raised on failure.
@@ -150,11 +187,14 @@ def run_ranks(
     if backend == 'nccl' and start_method != 'spawn':
         raise ValueError("backend='nccl' needs start_method='spawn': a CUDA rank must start from a fresh interpreter")
     context = FORKSERVER if start_method == 'forkserver' else mp.get_context('spawn')
+    if start_method == 'forkserver':
+        _ensure_forkserver_sees_no_gpu()
     workdir = Path(workdir) / f'ranks-{time.monotonic_ns()}'
     workdir.mkdir(parents=True)
     procs = []
     for rank in range(world_size):
-        rank_env = dict(env or {})
+        rank_env = dict(GLOO_RANK_ENV) if backend == 'gloo' else {}
+        rank_env.update(env or {})
         if per_rank_env is not None:
             rank_env.update(per_rank_env(rank))
         p = context.Process(

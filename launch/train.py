@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--save-interval', default='1ep', help='how often to checkpoint (also at the end)')
     p.add_argument('--resume', default=None, metavar='CHECKPOINT',
                    help='resume from this Composer checkpoint (load_path); --duration is the total, not the extra')
-    p.add_argument('--device', choices=('auto', 'cpu', 'gpu'), default='auto', help='auto: GPU when present, else CPU')
+    p.add_argument('--device', choices=('auto', 'cpu', 'gpu'), default='auto',
+                   help='auto: GPU when present, else CPU; the CPU in a process that already joined a gloo group')
     p.add_argument('--threads', type=int, default=None,
                    help='torch threads per rank on CPU; default OMP_NUM_THREADS, else 1')
     p.add_argument('--no-train-metrics', dest='train_metrics', action='store_false',
@@ -200,10 +201,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- run
 
 
-def _device_name(choice: str) -> str:
+def _device_name(choice: str, cuda_available: Optional[bool] = None) -> str:
+    """``'cpu'`` or ``'gpu'`` for ``--device choice``; ``cuda_available`` defaults to what torch sees.
+
+    ``auto`` takes the CPU in a process that already belongs to a gloo process group (a test's or a
+    user's spawned rank): Composer keeps that group and refuses the NCCL one a GPU device would want.
+    """
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if choice == 'auto':
-        return 'gpu' if torch.cuda.is_available() else 'cpu'
-    if choice == 'gpu' and not torch.cuda.is_available():
+        import torch.distributed as dist
+
+        in_gloo_group = dist.is_available() and dist.is_initialized() and dist.get_backend() == 'gloo'
+        return 'gpu' if cuda_available and not in_gloo_group else 'cpu'
+    if choice == 'gpu' and not cuda_available:
         raise ValueError('--device gpu was asked for, but torch sees no CUDA device')
     return choice
 

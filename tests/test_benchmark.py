@@ -24,7 +24,7 @@ import bench_exchange  # noqa: E402
 import bench_op  # noqa: E402
 import benchmark as bench  # noqa: E402
 
-from tests.spawn import run_ranks  # noqa: E402
+from tests.spawn import run_nccl_ranks, run_ranks  # noqa: E402
 
 TINY = ['--quick', '--op-shapes', '4x3x8x8', '--exchange-shapes', '4x3x8x8,2x1x6x6', '--iters', '2']
 
@@ -290,14 +290,21 @@ def test_memory_device_cuda_without_cuda_is_refused_clearly(monkeypatch, capsys)
         bench_memory.measure('cuda', (4, 3, 8, 8), 2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs CUDA: bench_memory --device cuda trains on a GPU (Trainer device='gpu') and reads "
-                           'torch.cuda.max_memory_allocated')
-def test_memory_on_cuda_measures_the_whole_batch_move(capsys):
+def _memory_on_cuda_rank(rank: int, world_size: int) -> tuple[list, str]:
     from launch import bench_memory
 
     report = bench_memory.main(['--device', 'cuda', '--batch', '64x3x64x64', '--microbatch', '8', '--steps', '2'])
-    rows = {r['variant']: r for r in report['rows']}
+    return report['rows'], bench_memory.memory_markdown(report['rows'])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: bench_memory --device cuda trains on a GPU (Trainer device='gpu') and reads "
+                           'torch.cuda.max_memory_allocated')
+def test_memory_on_cuda_measures_the_whole_batch_move(tmp_path):
+    # On a fresh NCCL rank: a CPU Trainer earlier in this pytest process left Composer's gloo group, and
+    # Composer refuses the NCCL one a GPU Trainer needs in the same process.
+    [(report_rows, printed)] = run_nccl_ranks(_memory_on_cuda_rank, 1, tmp_path)
+    rows = {r['variant']: r for r in report_rows}
     big_b, small_b = 64 * 3 * 64 * 64 * 4, 8 * 3 * 64 * 64 * 4
     # one microbatch (and Composer's deepcopy of it) without CutMix; the whole batch moved with it
     assert {v: r['formula_bytes'] for v, r in rows.items()} == {
@@ -310,4 +317,4 @@ def test_memory_on_cuda_measures_the_whole_batch_move(capsys):
         assert r['between_steps_bytes'] == (0 if name == 'without' else big_b)  # the last mixed batch stays
         if name != 'without':  # the peak grows by at least what the loop holds (1 MiB for allocator slack)
             assert r['peak_added_bytes'] >= 2 * (big_b - small_b) - 2**20
-    assert 'peak allocated per step (MB)' in capsys.readouterr().out
+    assert 'peak allocated per step (MB)' in printed

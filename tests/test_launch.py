@@ -109,8 +109,8 @@ def _train_on_rank(rank: int, world_size: int, argv: list[str]) -> dict:
 
 
 def test_two_ranks_with_fsdp2_on_cpu(tmp_path):
-    summaries = run_ranks(_train_on_rank, 2, tmp_path, [*TINY, '--duration', '4ba', '--fsdp', '--mode', 'global'],
-                          deadline_s=90)
+    summaries = run_ranks(_train_on_rank, 2, tmp_path,
+                          [*TINY, '--duration', '4ba', '--fsdp', '--mode', 'global', '--device', 'cpu'], deadline_s=90)
     for summary in summaries:
         _check_summary(summary, world_size=2, batches=4)
         assert summary['fsdp'] is True
@@ -121,18 +121,20 @@ def test_two_ranks_with_fsdp2_on_cpu(tmp_path):
 
 def test_global_mixing_with_one_image_per_rank(tmp_path):
     # The case global mixing exists for: a per-rank batch of 1 (launch/experiment.py runs it).
+    # No --device: auto must take the CPU in a gloo rank, on a machine with GPUs too (test_gpu_ready.py).
     summaries = run_ranks(_train_on_rank, 2, tmp_path,
                           [*TINY, '--batch-size', '1', '--duration', '2ba', '--mode', 'global', '--seed', '2'],
                           deadline_s=60)
     for summary in summaries:
         _check_summary(summary, world_size=2, batches=2, batch_size=1)
+        assert summary['device'] == 'cpu'
         assert summary['cutmix_cross_rank_fraction_mean'] == 1.0  # with one image per rank, every partner is remote
 
 
 def _checkpoint_and_resume(rank: int, world_size: int, folder: str, extra: list[str]) -> tuple[dict, dict]:
     from launch.train import main
 
-    common = [*TINY, '--mode', 'global', '--seed', '5', '--duration', '6ba', *extra]
+    common = [*TINY, '--mode', 'global', '--seed', '5', '--duration', '6ba', '--device', 'cpu', *extra]
     # A 6-batch run checkpointed every 3 batches; then a run that resumes from the middle checkpoint,
     # as after a crash at batch 4 (same --duration: the LR schedule spans the whole run).
     full = main([*common, '--save-folder', folder, '--save-interval', '3ba'])

@@ -61,7 +61,7 @@ def test_python_blocks_run(page):
 
 
 def _parsers():
-    from launch import bench_memory, benchmark, experiment, loss_spread, scaling, train, visualize
+    from launch import bench_memory, benchmark, experiment, gpu_check, loss_spread, scaling, train, visualize
 
     return {
         'train': train.parse_args,
@@ -71,6 +71,7 @@ def _parsers():
         'visualize': lambda argv: visualize.build_parser().parse_args(argv),
         'scaling': lambda argv: scaling.build_parser().parse_args(argv),
         'loss_spread': loss_spread.parse_args,
+        'gpu_check': lambda argv: gpu_check.build_parser().parse_args(argv),
     }
 
 
