@@ -337,8 +337,12 @@ def paste_crops(tensor: Tensor, crops: Tensor, box: Box, *, inplace: bool = Fals
         region = out[..., y0:y1, x0:x1]
         if weight == 1:
             region.copy_(crops)
-        else:
+        elif _use_masks(out):
             _blend_into(region, crops, weight)
+        else:  # a row at a time through one scratch row: no batch-sized temporary (the global MixUp's arrivals)
+            scratch = _Scratch(out)
+            for i in range(out.shape[0]):
+                _blend_into(region[i], crops[i], weight, scratch)
     return out
 
 

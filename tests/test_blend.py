@@ -92,11 +92,14 @@ def test_paste_box_pixels_blends_arrivals_as_the_formula(shape):
     assert torch.equal(F.paste_box_pixels(x.clone(), rows, pixels, boxes, weights), expect)
 
 
-def test_paste_crops_with_a_weight_leaves_the_callers_crops_alone():
-    x = _batch((4, 3, 8, 8))
-    crops = _batch((4, 3, 4, 4), seed=9)
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_paste_crops_with_a_weight_leaves_the_callers_crops_alone(shape, channels_last):
+    n, _, h, w = shape
+    x = _batch(shape, channels_last=channels_last)
+    crops = _batch(shape, seed=9)[..., 2:h - 1, 1:w - 2].contiguous()
     before = crops.clone()
-    got = F.paste_crops(x, crops, (2, 6, 1, 5), weight=0.25)
+    got = F.paste_crops(x, crops, (2, h - 1, 1, w - 2), weight=0.25)
     expect = x.clone()
-    expect[..., 2:6, 1:5] = x[..., 2:6, 1:5] * 0.75 + crops * 0.25
+    expect[..., 2:h - 1, 1:w - 2] = x[..., 2:h - 1, 1:w - 2] * 0.75 + crops * 0.25
     assert torch.equal(got, expect) and torch.equal(crops, before)
