@@ -347,7 +347,14 @@ def paste_crops(tensor: Tensor, crops: Tensor, box: Box, *, inplace: bool = Fals
     if not _box_is_empty(box) and tensor.shape[0] and weight > 0:
         y0, y1, x0, x1 = box
         region = out[..., y0:y1, x0:x1]
-        region.copy_(crops if weight == 1 else blend(region, crops, weight))
+        if weight == 1:
+            region.copy_(crops)
+        elif _use_masks(out):
+            _blend_into(region, crops, weight)
+        else:  # a row at a time through one scratch row: no batch-sized temporary (the global MixUp's arrivals)
+            scratch = _Scratch(out)
+            for i in range(out.shape[0]):
+                _blend_into(region[i], crops[i], weight, scratch)
     return out
 
 
@@ -374,21 +381,70 @@ def apply_mix(input: Tensor, params: Union[CutMixParams, 'PerSampleParams'], *, 
 def _apply_blend(input: Tensor, params: CutMixParams, *, inplace: bool) -> Tensor:
     """One weight and region for the batch, below 1: blend each sample's region with its partner's."""
     n = input.shape[0]
+    y0, y1, x0, x1 = params.box
+    w = params.weight
     if not _use_masks(input):  # a row at a time: each row's operands stay in cache (CPU, larger images)
         boxes = [list(params.box)] * n
         if inplace:
-            _paste_along_cycles(input, params.indices.tolist(), boxes, [params.weight] * n)
+            _paste_along_cycles(input, params.indices.tolist(), boxes, [w] * n)
             return input
         out = torch.empty_like(input)
-        y0, y1, x0, x1 = params.box
         full = params.box == (0, input.shape[-2], 0, input.shape[-1])
+        scratch = _Scratch(input)
         for i, j in enumerate(params.indices.tolist()):
             if not full:
                 out[i].copy_(input[i])
-            out[i, ..., y0:y1, x0:x1] = blend(input[i, ..., y0:y1, x0:x1], input[j, ..., y0:y1, x0:x1], params.weight)
+            _blend_into(out[i, ..., y0:y1, x0:x1], input[j, ..., y0:y1, x0:x1], w, scratch,
+                       own=input[i, ..., y0:y1, x0:x1])
         return out
-    return paste_crops(input, gather_crops(input, params.indices, params.box), params.box, inplace=inplace,
-                       weight=params.weight)
+    crops = gather_crops(input, params.indices, params.box)
+    if not _fast_blend(input):
+        return paste_crops(input, crops, params.box, inplace=inplace, weight=w)
+    crops.mul_(w)  # our own copy: scaled in place, no second temporary
+    if not inplace and params.box == (0, input.shape[-2], 0, input.shape[-1]):
+        return torch.mul(input, 1.0 - w).add_(crops)  # the whole image: no clone first (keeps the layout)
+    out = input if inplace else input.clone()
+    out[..., y0:y1, x0:x1].mul_(1.0 - w).add_(crops)
+    return out
+
+
+def _fast_blend(tensor: Tensor) -> bool:
+    """float32/float64: :func:`blend`'s two products and sum can be computed in place, with the same rounding."""
+    return tensor.dtype in (torch.float32, torch.float64)
+
+
+class _Scratch:
+    """One reusable buffer of up to a sample's size, for the partner's product in a row-by-row blend."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.like = like
+        self.buf: Optional[Tensor] = None
+
+    def shaped(self, shape: torch.Size) -> Tensor:
+        if self.buf is None:
+            self.buf = self.like.new_empty(self.like[0].numel() if self.like.shape[0] else 0)
+        return self.buf[:math.prod(shape)].view(shape)
+
+
+def _blend_into(dst: Tensor, partner: Tensor, weight: float, scratch: Optional[_Scratch] = None, *,
+               own: Optional[Tensor] = None) -> Tensor:
+    """``dst[...] = blend(own, partner, weight)`` (``own`` defaults to ``dst``), bit for bit as :func:`blend`.
+
+    float32/float64 compute ``own * (1 - weight)`` straight into ``dst`` and ``partner * weight`` into one
+    scratch buffer, then add: the same two rounded products and rounded sum as :func:`blend`, without its
+    three temporaries (each a fresh allocation, and fresh pages, per call). Other dtypes go through :func:`blend`.
+    """
+    own = dst if own is None else own
+    if not _fast_blend(dst) or partner.dtype != dst.dtype or own.dtype != dst.dtype:
+        dst.copy_(blend(own, partner, weight))
+        return dst
+    taken = torch.mul(partner, weight) if scratch is None \
+        else torch.mul(partner, weight, out=scratch.shaped(partner.shape))
+    if own is dst:
+        dst.mul_(1.0 - weight)
+    else:
+        torch.mul(own, 1.0 - weight, out=dst)
+    return dst.add_(taken)
 
 
 def blend(own: Tensor, partner: Tensor, weight: LamLike) -> Tensor:
@@ -695,18 +751,31 @@ def paste_box_pixels(tensor: Tensor, rows: Tensor, pixels: Tensor, boxes: Tensor
         return tensor
     areas = (box_areas(boxes) * x.shape[1]).tolist()
     weight_list = [1.0] * len(areas) if weights is None else weights.tolist()
+    scratch = _Scratch(x)
     for i, (y0, y1, x0, x1), crop, w in zip(rows.tolist(), boxes.tolist(), pixels.split(areas), weight_list,
                                             strict=True):
         if crop.numel():
             crop = crop.view(x.shape[1], y1 - y0, x1 - x0)
-            x[i, :, y0:y1, x0:x1] = crop if w == 1 else blend(x[i, :, y0:y1, x0:x1], crop, w)
+            if w == 1:
+                x[i, :, y0:y1, x0:x1] = crop
+            else:
+                _blend_into(x[i, :, y0:y1, x0:x1], crop, w, scratch)
     return tensor
 
 
 def _take_or_blend(own: Tensor, partner: Tensor, weights: Tensor) -> Tensor:
     """Per row: ``partner`` where the weight is 1 (exactly its pixels), else :func:`blend`."""
     take = _to_device((weights == 1).reshape((-1,) + (1,) * (own.ndim - 1)), own.device)
-    return torch.where(take, partner, blend(own, partner, weights))
+    if not (_fast_blend(own) and partner.dtype == own.dtype):
+        return torch.where(take, partner, blend(own, partner, weights))
+    # blend's two products and sum, written into one buffer: two temporaries instead of four
+    w = weights.to(torch.float64)
+    shape = (-1,) + (1,) * (own.ndim - 1)
+    keep = _to_device((1.0 - w).to(own.dtype).reshape(shape), own.device)
+    taken = _to_device(w.to(own.dtype).reshape(shape), own.device)
+    out = torch.mul(own, keep)
+    out.add_(torch.mul(partner, taken))
+    return torch.where(take, partner, out, out=out)
 
 
 def apply_cutmix_per_sample(input: Tensor, params: PerSampleParams, *, inplace: bool = False) -> Tensor:
@@ -724,12 +793,13 @@ def apply_cutmix_per_sample(input: Tensor, params: PerSampleParams, *, inplace: 
     weight_list = [1.0] * input.shape[0] if weights is None else weights.tolist()
     if not inplace:
         out = input.clone()
+        scratch = _Scratch(input)
         for i, j, (y0, y1, x0, x1), w in zip(range(len(out)), params.indices.tolist(), params.boxes.tolist(),
                                              weight_list, strict=True):
             if w == 1:
                 out[i, :, y0:y1, x0:x1] = input[j, :, y0:y1, x0:x1]
             elif w > 0 and y1 > y0 and x1 > x0:
-                out[i, :, y0:y1, x0:x1] = blend(input[i, :, y0:y1, x0:x1], input[j, :, y0:y1, x0:x1], w)
+                _blend_into(out[i, :, y0:y1, x0:x1], input[j, :, y0:y1, x0:x1], w, scratch)
         return out
     _paste_along_cycles(input, params.indices.tolist(), params.boxes.tolist(), weight_list)
     return input
@@ -747,13 +817,14 @@ def _paste_along_cycles(x: Tensor, partners: list[int], boxes: list[list[int]],
     if sorted(partners) != list(range(len(partners))):
         raise ValueError('per-sample partners must be a permutation to paste in place along its cycles')
     weights = [1.0] * len(partners) if weights is None else weights
+    scratch = _Scratch(x)
 
     def put(i: int, box: list[int], source: Tensor) -> None:
         y0, y1, x0, x1 = box
         if weights[i] == 1:
             x[i, :, y0:y1, x0:x1] = source
         elif weights[i] > 0 and y1 > y0 and x1 > x0:
-            x[i, :, y0:y1, x0:x1] = blend(x[i, :, y0:y1, x0:x1], source, weights[i])
+            _blend_into(x[i, :, y0:y1, x0:x1], source, weights[i], scratch)
 
     done = [False] * len(partners)
     for start in range(len(partners)):

@@ -93,13 +93,14 @@ def _pinned_timm(holder: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
 
     def params_per_batch() -> tuple[float, bool]:
         holder['queue'] = None
-        return holder['lam'], True
+        return holder['lam'], holder.get('use_cutmix', True)  # False: timm's MixUp blend (the MixUp rows)
 
     def params_per_elem(batch_size: int) -> tuple[Any, Any]:
         lam = holder['elem_lam']
         assert len(lam) == batch_size
         holder['queue'] = iter(holder['elem_boxes'])
-        return lam.copy(), np.ones(batch_size, dtype=bool)  # timm writes the corrected λ into its array
+        use_cutmix = holder.get('elem_cutmix', np.ones(batch_size, dtype=bool))  # False rows: MixUp blends
+        return lam.copy(), use_cutmix  # timm writes the corrected λ into its array
 
     def bbox_and_lam(*args: Any, **kwargs: Any) -> tuple[Any, float]:
         queue = holder.get('queue')
@@ -457,3 +458,309 @@ def per_sample_markdown(rows: Sequence[dict[str, Any]]) -> str:
             ' / '.join(f"{r['per_sample']['faults_per_call'][k]:.3g}" for k in ('ours per-sample', 'timm elem'))]
          for r in rows],
     )
+
+
+# ============================================================================ MixUp and MixUpCutMix (issue 16)
+
+MIXUP_IMPLS = ['floor', 'ours', 'ours+targets', 'ours mixup_batch', 'composer', 'timm', 'timm elem', 'torchvision']
+MIXUP_PEERS = ('composer', 'timm', 'timm elem', 'torchvision')
+MIXUP_PS_IMPLS = ['ours per-sample', 'ours per-sample+targets', 'timm elem']
+MIXUP_ALPHA = 0.2  # Composer's MixUp default; the pixel work does not depend on it
+MIXUPCUTMIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)  # timm's DeiT recipe
+
+
+def _draw_mixup(n: int, h: int, w: int, count: int, seed: int) -> list[F.CutMixParams]:
+    """``count`` batch MixUp draws (whole image, partner weight ``min(z, 1 - z)`` on the ``2**-10`` grid),
+    leaving out the rare draw whose weight rounds to 0 (nothing to blend: every implementation would skip it)."""
+    from dist_cutmix.spec import MixSpec, sample_mix
+
+    spec = MixSpec.mixup(MIXUP_ALPHA)
+    g = torch.Generator().manual_seed(seed + 11)
+    draws: list[F.CutMixParams] = []
+    while len(draws) < count:
+        p = sample_mix(spec, n, h, w, generator=g)
+        if p.weight > 0:
+            draws.append(p)  # type: ignore[arg-type]
+    return draws
+
+
+def _draw_mixupcutmix(n: int, h: int, w: int, count: int, seed: int) -> list[F.PerSampleParams]:
+    """``count`` per-sample MixUpCutMix draws (``MIXUPCUTMIX``): each sample a CutMix box or a MixUp blend."""
+    from dist_cutmix.spec import MixSpec, sample_mix
+
+    spec = MixSpec(**MIXUPCUTMIX)
+    g = torch.Generator().manual_seed(seed + 13)
+    return [sample_mix(spec, n, h, w, per_sample=True, generator=g) for _ in range(count)]  # type: ignore[misc]
+
+
+def _with_indices(p: Any, indices: torch.Tensor) -> Any:
+    """The same draw with other partners (a peer's fixed pairing)."""
+    if isinstance(p, F.PerSampleParams):
+        return F.PerSampleParams(p.boxes, p.lam, indices, p.weights)
+    return F.CutMixParams(p.box, p.lam, indices, p.weight)
+
+
+def _timm_mixup_draw(p: F.CutMixParams, n: int) -> dict[str, Any]:
+    """``holder`` entries that pin timm's batch and elem modes to the batch MixUp draw ``p`` (own weight 1 - m)."""
+    keep = 1.0 - p.weight  # exact: the weight is on the 2**-10 grid
+    return {'lam': keep, 'use_cutmix': False, 'elem_lam': np.full(n, keep, dtype=np.float32),
+            'elem_cutmix': np.zeros(n, dtype=bool), 'elem_boxes': [], 'tv_lam': keep}
+
+
+def _timm_mixupcutmix_draw(p: F.PerSampleParams) -> dict[str, Any]:
+    """``holder`` entries that pin timm's elem mode to the per-sample draw ``p``: CutMix rows take their
+    box and λ (asked for in sample order), MixUp rows blend at their own weight ``1 - m``."""
+    weights = p.weights if p.weights is not None else torch.ones(len(p.lam), dtype=torch.float64)
+    cut = (weights == 1) & (F.box_areas(p.boxes) > 0)
+    lam = p.lam.numpy().astype(np.float32)  # MixUp rows: 1 - m, exact; unmixed rows: 1
+    boxes = [(tuple(b), float(lam64)) for b, lam64, lam32, c in zip(p.boxes.tolist(), p.lam.tolist(), lam,
+                                                                    cut.tolist(), strict=True) if c and lam32 != 1.0]
+    return {'elem_lam': lam, 'elem_cutmix': cut.numpy(), 'elem_boxes': boxes}
+
+
+def _pinned_torchvision_mixup(holder: dict[str, Any]) -> Any:
+    """torchvision's ``v2.MixUp``, its λ (the own image's weight) pinned to ``holder['tv_lam']`` (same code)."""
+    from torchvision.transforms import v2
+
+    mixup = v2.MixUp(num_classes=NUM_CLASSES)
+    mixup.make_params = lambda flat_inputs: {'lam': holder['tv_lam']}
+    return mixup
+
+
+def _check_same_mixup(x: torch.Tensor, y: torch.Tensor, p: F.CutMixParams, timm_mixup: Any, timm_elem: Any,
+                      tv_mixup: Any, holder: dict[str, Any]) -> None:
+    """Every MixUp implementation gives exactly our pixels for the same weight and pairing (and timm our targets).
+
+    Raises:
+        RuntimeError: naming the implementation that differs.
+    """
+    from composer.functional import mixup_batch as composer_mixup_batch
+
+    from dist_cutmix import mixup_batch
+
+    n = x.shape[0]
+    ar = torch.arange(n, device=x.device)
+    holder.update(_timm_mixup_draw(p, n))
+    expect = F.apply_mix(x, p)
+    flip = F.apply_mix(x, _with_indices(p, ar.flip(0)))
+    timm_x, timm_y = timm_mixup(x.clone(), y)
+    got = {
+        'ours in place': (F.apply_mix(x.clone(), p, inplace=True), expect),
+        'ours mixup_batch': (mixup_batch(x, y, mixing=p.weight, indices=p.indices)[0], expect),
+        'composer': (composer_mixup_batch(x, y, mixing=p.weight, indices=p.indices)[0], expect),
+        'timm': (timm_x, flip),
+        'timm elem': (timm_elem(x.clone(), y)[0], flip),
+        'torchvision': (tv_mixup(x, y)[0], F.apply_mix(x, _with_indices(p, (ar - 1) % n))),
+    }
+    for name, (a, b) in got.items():
+        if not torch.equal(a, b):
+            raise RuntimeError(f'{name} does not reproduce our MixUp (partner weight {p.weight}), input '
+                               f'{tuple(x.shape)} {x.dtype} on {x.device}: the benchmark would compare different work')
+    ours_y = F.mix_targets(y, y.flip(0), p.lam, p.box, kind='index', num_classes=NUM_CLASSES)
+    if not torch.allclose(timm_y, ours_y, rtol=0, atol=1e-6):
+        raise RuntimeError(f'timm MixUp targets differ from ours by {float((timm_y - ours_y).abs().max()):.3g}')
+
+
+def _check_same_mixupcutmix(x: torch.Tensor, y: torch.Tensor, p: F.PerSampleParams, timm_elem: Any,
+                            holder: dict[str, Any]) -> None:
+    """timm elem reproduces our per-sample MixUpCutMix pixels (pairing ``flip(0)``); in place equals a copy.
+
+    Raises:
+        RuntimeError: naming the implementation that differs.
+    """
+    n = x.shape[0]
+    holder.update(_timm_mixupcutmix_draw(p))
+    got = {
+        'timm elem': (timm_elem(x.clone(), y)[0], F.apply_mix(x, _with_indices(p, torch.arange(n).flip(0)))),
+        'ours per-sample in place': (F.apply_mix(x.clone(), p, inplace=True), F.apply_mix(x, p)),
+    }
+    for name, (a, b) in got.items():
+        if not torch.equal(a, b):
+            raise RuntimeError(f'{name} does not reproduce our per-sample MixUpCutMix, input {tuple(x.shape)} '
+                               f'{x.dtype}: the benchmark would compare different work')
+
+
+def _mixup_entries(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor, draws: Sequence[F.CutMixParams],
+                   timm_draws: Sequence[dict[str, Any]], holder: dict[str, Any], timm_mixup: Any, timm_elem: Any,
+                   tv_mixup: Any) -> dict[str, Callable[[int], None]]:
+    """The timed MixUp calls by ``MIXUP_IMPLS`` name: call ``i`` blends ``x`` with ``draws[i]``'s weight."""
+    from composer.functional import mixup_batch as composer_mixup_batch
+
+    from dist_cutmix import mixup_batch
+
+    def floor(i: int) -> None:  # read two images, write one, in place like ours
+        torch.add(x, src, out=x)
+
+    def ours(i: int) -> None:
+        F.apply_mix(x, draws[i], inplace=True)
+
+    def ours_targets(i: int) -> None:
+        p = draws[i]
+        F.apply_mix(x, p, inplace=True)
+        F.mix_targets(y, y[p.indices], p.lam, p.box, kind='index', num_classes=NUM_CLASSES)
+
+    def ours_mixup_batch(i: int) -> None:
+        mixup_batch(x, y, mixing=draws[i].weight, indices=draws[i].indices)
+
+    def composer(i: int) -> None:
+        composer_mixup_batch(x, y, mixing=draws[i].weight, indices=draws[i].indices)
+
+    def timm(i: int) -> None:
+        holder.update(timm_draws[i])
+        timm_mixup(x, y)
+
+    def elem(i: int) -> None:
+        holder.update(timm_draws[i])
+        timm_elem(x, y)
+
+    def torchvision(i: int) -> None:
+        holder.update(timm_draws[i])
+        tv_mixup(x, y)
+
+    return dict(zip(MIXUP_IMPLS, [floor, ours, ours_targets, ours_mixup_batch, composer, timm, elem, torchvision],
+                    strict=True))
+
+
+def _run_mixupcutmix(x: torch.Tensor, y: torch.Tensor, draws: Sequence[F.PerSampleParams], iters: int, warmup: int,
+                     timm_elem: Any, holder: dict[str, Any]) -> dict[str, Any]:
+    """Per-sample MixUpCutMix on ``x`` (in place): ours against timm ``mode='elem'`` with the same draws."""
+    timm_draws = [_timm_mixupcutmix_draw(p) for p in draws]
+    _check_same_mixupcutmix(x, y, draws[warmup], timm_elem, holder)
+
+    def ours(i: int) -> None:
+        F.apply_mix(x, draws[i], inplace=True)
+
+    def ours_targets(i: int) -> None:
+        p = draws[i]
+        F.apply_mix(x, p, inplace=True)
+        F.mix_targets_per_sample(y, y[p.indices], p.lam, p.boxes, kind='index', num_classes=NUM_CLASSES)
+
+    def timm(i: int) -> None:
+        holder.update(timm_draws[i])
+        timm_elem(x, y)
+
+    entries = dict(zip(MIXUP_PS_IMPLS, [ours, ours_targets, timm], strict=True))
+    samples, faults = time_round_robin(entries, iters, warmup)
+    used = draws[warmup:warmup + iters]
+    weights = [p.weights for p in used if p.weights is not None]
+    return {
+        'median_s': {k: median(v) for k, v in samples.items()},
+        'samples_s': samples,
+        'faults_per_call': faults,
+        'ratio': {
+            'timm elem/ours per-sample': paired_ratio(samples['timm elem'], samples['ours per-sample']),
+            'timm elem/ours per-sample+targets': paired_ratio(samples['timm elem'],
+                                                              samples['ours per-sample+targets']),
+        },
+        'cutmix_share': statistics.fmean(float((w == 1).double().mean()) for w in weights) if weights else 0.0,
+        'profile': _profile_ours(x, used, max(3, min(iters, 20)), F.apply_mix),
+    }
+
+
+def run_mixup_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 0) -> list[dict[str, Any]]:
+    """Time one MixUp of a float32 batch per implementation (CPU); one result row per shape.
+
+    Every implementation gets draw ``i``'s partner weight ``m`` at call ``i``: ours
+    (``apply_mix(x, params, inplace=True)``, with ``mix_targets`` in ``ours+targets``), our and Composer's
+    out-of-place ``mixup_batch`` (same partners), timm's ``Mixup`` in batch and ``mode='elem'`` (pairing
+    ``flip(0)``) and torchvision's ``v2.MixUp`` (pairing ``roll(1, 0)``) with their λ pinned to ``1 - m``;
+    checked to give our pixels first. The floor reads two batches and writes one (``torch.add(x, src,
+    out=x)``). ``row['per_sample']``: per-sample MixUpCutMix (``MIXUPCUTMIX``) against timm elem.
+
+    Args:
+        shapes: ``(N, C, H, W)`` batch shapes (``N`` even: timm needs it).
+        iters: timed calls per implementation (small batches get ``SMALL_BATCH_ITERS`` times as many).
+        warmup: untimed calls first.
+        seed: seed of the draws and the data.
+
+    Returns:
+        Rows with ``shape``, ``iters``, ``median_s``, ``samples_s``, ``faults_per_call``, ``ratio``
+        (``peer/ours``, ``min peer/ours``, ``ours/floor``, ``composer/ours mixup_batch``), ``mean_weight``,
+        ``floor_gbps``, ``profile`` and ``per_sample``.
+
+    Raises:
+        ValueError: for an odd batch size.
+        RuntimeError: if an implementation does not reproduce ours for the same draw.
+    """
+    rows = []
+    holder: dict[str, Any] = {}
+    with _pinned_timm(holder) as (timm_mixup, timm_elem):
+        tv_mixup = _pinned_torchvision_mixup(holder)
+        for shape in shapes:
+            n, c, h, w = shape
+            if n % 2:
+                raise ValueError(f'timm needs an even batch; got shape {shape}')
+            n_iters = iters * SMALL_BATCH_ITERS if n * c * h * w <= SMALL_BATCH_ELEMENTS else iters
+            draws = _draw_mixup(n, h, w, n_iters + warmup, seed)
+            timm_draws = [_timm_mixup_draw(p, n) for p in draws]
+            g = torch.Generator().manual_seed(seed + 1)
+            x = torch.rand(shape, generator=g)
+            src = torch.rand(shape, generator=g)
+            y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+            _check_same_mixup(x, y, draws[warmup], timm_mixup, timm_elem, tv_mixup, holder)
+            entries = _mixup_entries(x, y, src, draws, timm_draws, holder, timm_mixup, timm_elem, tv_mixup)
+            samples, faults = time_round_robin(entries, n_iters, warmup)
+            ours_s = samples['ours']
+            ratio = {f'{k}/ours': paired_ratio(samples[k], ours_s) for k in MIXUP_PEERS}
+            ratio['min peer/ours'] = min(ratio[f'{k}/ours'] for k in MIXUP_PEERS)
+            ratio['ours/floor'] = paired_ratio(ours_s, samples['floor'])
+            ratio['composer/ours mixup_batch'] = paired_ratio(samples['composer'], samples['ours mixup_batch'])
+            moved = 3 * x.numel() * x.element_size()  # the floor reads two batches and writes one
+            used = draws[warmup:warmup + n_iters]
+            ps_draws = _draw_mixupcutmix(n, h, w, n_iters + warmup, seed)
+            rows.append({
+                'shape': list(shape), 'dtype': 'float32', 'device': 'cpu', 'iters': n_iters,
+                'median_s': {k: median(v) for k, v in samples.items()},
+                'samples_s': samples,
+                'faults_per_call': faults,
+                'ratio': ratio,
+                'mean_weight': statistics.fmean(p.weight for p in used),
+                'floor_gbps': median([moved / t / 1e9 for t in samples['floor'] if t > 0]),
+                'profile': _profile_ours(x, used, max(3, min(n_iters, 20)), F.apply_mix),
+                'per_sample': _run_mixupcutmix(x, y, ps_draws, n_iters, warmup, timm_elem, holder),
+            })
+            del x, src, entries
+    return rows
+
+
+MIXUP_INTRO = (
+    'float32, CPU. `ours` = `apply_mix(x, params, inplace=True)` with a batch MixUp draw (whole image, partner weight '
+    f'm = min(z, 1 - z), z ~ Beta({MIXUP_ALPHA}, {MIXUP_ALPHA}), as `dist_cutmix.MixUp` draws it); `ours+targets` adds '
+    '`mix_targets` (index -> soft); `ours mixup_batch` and `composer` = `mixup_batch(x, y, mixing=m, indices=...)`, '
+    "ours and `composer.functional`'s (out of place, same partners); `timm` = `Mixup(mixup_alpha>0)` batch mode and "
+    "`timm elem` = `mode='elem'` (in place, partner `x.flip(0)`, targets included), `torchvision` = `v2.MixUp` "
+    '(partner `x.roll(1, 0)`, out of place, targets included), their λ pinned to 1 - m; every one checked to give '
+    'our pixels bit for bit first. `floor` = `torch.add(x, src, out=x)`: two batches read, one written; '
+    '`floor GB/s` counts those bytes. `mean m` = mean partner weight.')
+MIXUP_PS_INTRO = (
+    'Per-sample MixUpCutMix (`MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)`, per_sample=True, as '
+    "`MixUpCutMix(per_sample=True)` draws it): `ours` = `apply_mix(x, params, inplace=True)`; `timm elem` = timm's "
+    "`Mixup(mode='elem')` with each sample's method, box and λ pinned to ours (partner `x.flip(0)`), targets "
+    'included; checked to give our pixels first. `CutMix rows` = share of samples pasted (the rest blended).')
+
+
+def mixup_op_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The MixUp op tables (times, ratios, profile) and the per-sample MixUpCutMix table."""
+    times = md_table(
+        ['shape', 'calls', 'mean m'] + [f'{k} (ms)' for k in MIXUP_IMPLS] + ['floor GB/s'],
+        [[shape_str(r['shape']), r['iters'], r['mean_weight']] + [r['median_s'][k] * 1e3 for k in MIXUP_IMPLS]
+         + [r['floor_gbps']] for r in rows])
+    keys = [f'{k}/ours' for k in MIXUP_PEERS] + ['min peer/ours', 'ours/floor', 'composer/ours mixup_batch']
+    ratios = md_table(['shape'] + keys, [[shape_str(r['shape'])] + [r['ratio'][k] for k in keys] for r in rows])
+    profile = md_table(
+        ['shape', "ours' in-place apply: top aten ops by self CPU time", 'faults/call ours / composer / timm'],
+        [[shape_str(r['shape']), ', '.join(f'{k} {s:.0%}' for k, s in r['profile']),
+          ' / '.join(f"{r['faults_per_call'][k]:.3g}" for k in ('ours', 'composer', 'timm'))] for r in rows])
+    ps_keys = ['timm elem/ours per-sample', 'timm elem/ours per-sample+targets']
+    per_sample = md_table(
+        ['shape', 'calls', 'CutMix rows'] + [f'{k} (ms)' for k in MIXUP_PS_IMPLS] + ps_keys
+        + ['ours per-sample: top aten ops by self CPU time'],
+        [[shape_str(r['shape']), r['iters'], r['per_sample']['cutmix_share']]
+         + [r['per_sample']['median_s'][k] * 1e3 for k in MIXUP_PS_IMPLS]
+         + [r['per_sample']['ratio'][k] for k in ps_keys]
+         + [', '.join(f'{k} {v:.0%}' for k, v in r['per_sample']['profile'])] for r in rows])
+    return '\n\n'.join([
+        '### MixUp, the op: median ms per call', MIXUP_INTRO, times,
+        '### MixUp, the op: ratios (median of same-draw ratios; > 1 in a `peer/ours` column means ours is faster)',
+        ratios, "### MixUp: where ours spends its time, and minor page faults per call", profile,
+        '### MixUpCutMix per sample, the op: median ms per call and ratios', MIXUP_PS_INTRO, per_sample])

@@ -26,6 +26,10 @@ Parts, one module each (its docstring says what is measured and how), sharing
     Global mixing on W gloo ranks: our crop ``all_to_all`` against all-gathering the global batch.
 ``step`` (``launch/bench_step.py``)
     CutMix's share of a Composer ``Trainer`` step, local (one rank) and global (two ranks).
+``mixup`` (``run_mixup_op`` in ``launch/bench_op.py``, ``run_mixup_exchange`` in ``launch/bench_exchange.py``)
+    MixUp's op against Composer's, timm's (batch and elem) and torchvision's ``mixup`` and the floor
+    of reading two batches and writing one; per-sample MixUpCutMix against timm elem; the global MixUp
+    and MixUpCutMix exchange against all-gather and a bare ``all_to_all_single`` of the same bytes.
 """
 from __future__ import annotations
 
@@ -46,8 +50,23 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from launch.bench_common import environment, md_table, parse_shapes  # noqa: E402
-from launch.bench_exchange import combine_exchange, exchange_markdown, exchange_rank, run_exchange  # noqa: E402
-from launch.bench_op import DEVICES, LAYOUTS, check_device, op_markdown, run_op  # noqa: E402
+from launch.bench_exchange import (  # noqa: E402
+    combine_exchange,
+    exchange_markdown,
+    exchange_rank,
+    mixup_exchange_markdown,
+    run_exchange,
+    run_mixup_exchange,
+)
+from launch.bench_op import (  # noqa: E402
+    DEVICES,
+    LAYOUTS,
+    check_device,
+    mixup_op_markdown,
+    op_markdown,
+    run_mixup_op,
+    run_op,
+)
 from launch.bench_step import run_step, step_markdown  # noqa: E402
 
 __all__ = ['main', 'run_exchange', 'run_op', 'run_step']
@@ -66,6 +85,14 @@ TARGETS = {
                        '<=', 3.0),
     'exchange_ps_bytes': ('exchange per-sample W=4, every shape: |bytes sent / crops+labels that must cross - 1| (max)',
                           '<=', 0.05),
+    # issue 16: MixUp and MixUpCutMix
+    'mixup_vs_peers': ('MixUp op, 64x3x224x224: fastest peer time / ours', '>=', 1.5),
+    'mixup_vs_floor': ('MixUp op, 64x3x224x224: ours / floor (read two batches, write one)', '<=', 1.5),
+    'mixupcutmix_ps_vs_timm': ('MixUpCutMix per-sample op, every row: timm elem time / ours (min)', '>=', 3.0),
+    'mixup_exchange_a2a': ('MixUp/MixUpCutMix exchange W=4, every row: ours time / bare all_to_all_single (max)',
+                           '<=', 1.5),
+    'mixup_exchange_bytes': ('MixUp/MixUpCutMix exchange W=4, every row: abs(bytes sent / must cross - 1) (max)',
+                             '<=', 0.05),
 }
 
 DEFAULTS = {
@@ -79,6 +106,7 @@ DEFAULTS = {
     'step_warmup': 2,
     'step_rounds': 1,
     'step_model': 'resnet18',
+    'mixup_worlds': [4],
 }
 QUICK = {
     'op_shapes': [(8, 3, 16, 16), (4, 3, 32, 32)],
@@ -91,6 +119,7 @@ QUICK = {
     'step_warmup': 1,
     'step_rounds': 1,
     'step_model': 'tiny',
+    'mixup_worlds': [2],
 }
 
 
@@ -98,7 +127,8 @@ QUICK = {
 
 
 def _targets(op: Sequence[dict[str, Any]], exchange: Sequence[dict[str, Any]],
-             step: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+             step: Sequence[dict[str, Any]], mixup_op: Sequence[dict[str, Any]] = (),
+             mixup_exchange: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Each target with its measured value (``None`` where this run did not measure it)."""
     def find(rows: Sequence[dict[str, Any]], **kw: Any) -> Optional[dict[str, Any]]:
         return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
@@ -125,12 +155,29 @@ def _targets(op: Sequence[dict[str, Any]], exchange: Sequence[dict[str, Any]],
         row = find(step, mode=mode)
         if row:
             measured[f'step_{mode}'] = row['share']
+    measured.update(_mixup_measured(mixup_op, mixup_exchange))
     out = []
     for key, (what, op_, bound) in TARGETS.items():
         value = measured[key]
         met = None if value is None else {'>=': value >= bound, '>': value > bound, '<=': value <= bound,
                                           '<': value < bound}[op_]
         out.append({'key': key, 'what': what, 'target': f'{op_} {bound:g}', 'measured': value, 'met': met})
+    return out
+
+
+def _mixup_measured(op: Sequence[dict[str, Any]], exchange: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The MixUp targets this run measured."""
+    out = {}
+    row = next((r for r in op if r['shape'] == [64, 3, 224, 224]), None)
+    if row:
+        out['mixup_vs_peers'] = row['ratio']['min peer/ours']
+        out['mixup_vs_floor'] = row['ratio']['ours/floor']
+    if op:
+        out['mixupcutmix_ps_vs_timm'] = min(r['per_sample']['ratio']['timm elem/ours per-sample'] for r in op)
+    rows = [r for r in exchange if r['world'] == 4]
+    if rows:
+        out['mixup_exchange_a2a'] = max(r['a2a_ratio'] for r in rows)
+        out['mixup_exchange_bytes'] = max(abs(r['sent_over_required'] - 1) for r in rows)
     return out
 
 
@@ -152,7 +199,8 @@ def _launched_world() -> int:
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--part', choices=['op', 'exchange', 'step', 'all'], default='all', help='what to measure')
+    p.add_argument('--part', choices=['op', 'exchange', 'step', 'mixup', 'all'], default='all',
+                   help='what to measure')
     p.add_argument('--quick', action='store_true', help='tiny sizes and few iterations (a smoke run)')
     p.add_argument('--iters', type=int, default=None,
                    help='iterations per measurement: op calls, exchange steps, measured train batches')
@@ -173,6 +221,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     base = QUICK if args.quick else DEFAULTS
     args.op_shapes = args.op_shapes or base['op_shapes']
     args.exchange_shapes = args.exchange_shapes or base['exchange_shapes']
+    args.mixup_worlds = [int(w) for w in args.worlds.split(',')] if args.worlds else base['mixup_worlds']
     args.worlds = [int(w) for w in args.worlds.split(',')] if args.worlds else base['worlds']
     args.layouts = [s.strip() for s in args.layouts.split(',')]
     bad = [s for s in args.layouts if s not in LAYOUTS]
@@ -243,6 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     op: list[dict[str, Any]] = []
     exchange: list[dict[str, Any]] = []
     step: list[dict[str, Any]] = []
+    mixup_op: list[dict[str, Any]] = []
+    mixup_exchange: list[dict[str, Any]] = []
     seconds: dict[str, float] = {}
     if args.part in ('op', 'all'):
         t0 = time.perf_counter()
@@ -263,13 +314,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                         model=args.step_model, seed=args.seed, threads=args.threads)
         seconds['step'] = time.perf_counter() - t0
         print(step_markdown(step) + '\n', flush=True)
-    targets = _targets(op, exchange, step)
+    if args.part in ('mixup', 'all'):
+        t0 = time.perf_counter()
+        mixup_op = run_mixup_op(args.op_shapes, args.op_iters, warmup=args.warmup, seed=args.seed)
+        print(mixup_op_markdown(mixup_op) + '\n', flush=True)
+        mixup_exchange = run_mixup_exchange(args.mixup_worlds, args.exchange_shapes, args.exchange_iters,
+                                            warmup=args.warmup, seed=args.seed, threads=args.threads)
+        print(mixup_exchange_markdown(mixup_exchange, f'Spawned gloo ranks on this machine ({os.cpu_count()} CPUs), '
+                                                      f'{args.threads} thread(s) each.') + '\n', flush=True)
+        seconds['mixup'] = time.perf_counter() - t0
+    targets = _targets(op, exchange, step, mixup_op, mixup_exchange)
     seconds['total'] = time.perf_counter() - started
     print(_targets_markdown(targets))
     print(f"\nRun time: {seconds['total']:.0f} s (" + ', '.join(f'{k} {v:.0f} s' for k, v in seconds.items()
                                                         if k != 'total') + ').')
     report = {'environment': env, 'args': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              'op': op, 'exchange': exchange, 'step': step, 'targets': targets, 'seconds': seconds}
+              'op': op, 'exchange': exchange, 'step': step, 'mixup_op': mixup_op, 'mixup_exchange': mixup_exchange,
+              'targets': targets, 'seconds': seconds}
     _write_json(args.json, report)
     return report
 

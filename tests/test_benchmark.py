@@ -318,3 +318,85 @@ def test_memory_on_cuda_measures_the_whole_batch_move(tmp_path):
         if name != 'without':  # the peak grows by at least what the loop holds (1 MiB for allocator slack)
             assert r['peak_added_bytes'] >= 2 * (big_b - small_b) - 2**20
     assert 'peak allocated per step (MB)' in printed
+
+
+# ---------------------------------------------------------------- MixUp and MixUpCutMix rows (issue 16)
+
+
+def test_mixup_part_reports_its_rows(capsys, keep_threads):
+    report = bench.main(['--part', 'mixup', *TINY])
+    assert report['op'] == [] and report['exchange'] == [] and report['step'] == []
+    printed = capsys.readouterr().out
+
+    # op: every implementation timed on the same draws (run_mixup_op checked that they give our pixels)
+    assert [r['shape'] for r in report['mixup_op']] == [[4, 3, 8, 8]]
+    for row in report['mixup_op']:
+        assert set(row['median_s']) == set(row['faults_per_call']) == set(bench_op.MIXUP_IMPLS)
+        assert all(_positive(v) for v in row['median_s'].values())
+        assert all(len(v) == row['iters'] for v in row['samples_s'].values())
+        assert set(row['ratio']) == {*(f'{k}/ours' for k in bench_op.MIXUP_PEERS), 'min peer/ours', 'ours/floor',
+                                     'composer/ours mixup_batch'}
+        assert all(_positive(v) for v in row['ratio'].values())
+        assert 0 < row['mean_weight'] <= 0.5 and _positive(row['floor_gbps'])
+        ps = row['per_sample']
+        assert set(ps['median_s']) == set(bench_op.MIXUP_PS_IMPLS)
+        assert all(_positive(v) for v in ps['median_s'].values())
+        assert 0 < ps['cutmix_share'] < 1 and all(_positive(v) for v in ps['ratio'].values())
+    assert '### MixUp, the op: median ms per call' in printed and '### MixUpCutMix per sample' in printed
+
+    # exchange: W = 2 in the quick run; ours sends exactly the bytes the bare all_to_all_single moved
+    rows = report['mixup_exchange']
+    assert [(r['world'], r['shape'], r['mode']) for r in rows] == [
+        (2, s, m) for s in ([4, 3, 8, 8], [2, 1, 6, 6]) for m in bench_exchange.MIXUP_MODES]
+    for r in rows:
+        b, c, h, w = r['shape']
+        handshake = (r['world'] - 1) * 3 * 8
+        assert r['bytes_per_rank']['allgather'] == (r['world'] - 1) * b * (c * h * w * 4 + 8)
+        assert r['sent_equals_a2a'] is True
+        assert r['bytes_per_rank']['ours'] == pytest.approx(r['required_per_rank'] + handshake)
+        assert r['sent_over_required'] == pytest.approx(1 + handshake / r['required_per_rank'])
+        assert all(_positive(v) for v in r['median_s'].values()) and _positive(r['a2a_ratio'])
+        assert all(len(v) == 2 for v in r['step_s'].values())
+    assert '### MixUp and MixUpCutMix, the exchange' in printed
+
+    measured = {t['key']: t['measured'] for t in report['targets']}
+    assert measured['mixupcutmix_ps_vs_timm'] is not None
+    assert measured['mixup_vs_peers'] is None and measured['mixup_exchange_a2a'] is None  # 224 rows, W = 4 only
+
+
+def test_mixup_same_work_check_catches_a_different_blend():
+    """The pinned peers must give our pixels for their pairing: a peer that pairs otherwise is caught, by name."""
+    n, h, w = 4, 8, 8
+    x, y = torch.rand(n, 3, h, w), torch.arange(n)
+    p = bench_op._draw_mixup(n, h, w, 1, 0)[0]
+    holder: dict = {}
+    with bench_op._pinned_timm(holder) as (timm_mixup, timm_elem):
+        tv = bench_op._pinned_torchvision_mixup(holder)
+        bench_op._check_same_mixup(x, y, p, timm_mixup, timm_elem, tv, holder)  # the same work: no error
+        flipped = lambda a, t: timm_mixup(a.clone(), t)  # noqa: E731  pairs i with n-1-i, not torchvision's i-1
+        with pytest.raises(RuntimeError, match='^torchvision does not reproduce our MixUp'):
+            bench_op._check_same_mixup(x, y, p, timm_mixup, timm_elem, flipped, holder)
+        with pytest.raises(RuntimeError, match='^timm elem does not reproduce'):
+            bench_op._check_same_mixup(x, y, p, timm_mixup, tv, tv, holder)
+        ps = bench_op._draw_mixupcutmix(n, h, w, 1, 0)[0]
+        bench_op._check_same_mixupcutmix(x, y, ps, timm_elem, holder)
+
+
+def test_mixup_split_bytes_count_each_region_and_label():
+    """Against a loop: rank r sends each of its samples' pixels in the destination's region and a label."""
+    from dist_cutmix.spec import MixSpec, sample_mix
+
+    b, world, c, h, w = 3, 3, 2, 7, 5
+    g = torch.Generator().manual_seed(4)
+    p = sample_mix(MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8), world * b, h, w, per_sample=True,
+                   generator=g)
+    for rank in range(world):
+        send, recv = bench_exchange._split_bytes(p, rank, world, b, c * 4, 8)
+        expect_send, expect_recv = [0] * world, [0] * world
+        for i, (j, (y0, y1, x0, x1)) in enumerate(zip(p.indices.tolist(), p.boxes.tolist(), strict=True)):
+            size = c * max(y1 - y0, 0) * max(x1 - x0, 0) * 4 + 8
+            if j // b == rank:
+                expect_send[i // b] += size
+            if i // b == rank:
+                expect_recv[j // b] += size
+        assert (send, recv) == (expect_send, expect_recv)
