@@ -17,7 +17,6 @@ from typing import Any, Optional
 
 import pytest
 import torch
-import torch.nn.functional as TF
 from composer import Trainer
 from composer.algorithms import LabelSmoothing
 from composer.algorithms import MixUp as ComposerMixUp
@@ -138,6 +137,7 @@ def check_cell(out: dict[str, Any], model: str, algorithm: Any, *, eps: float = 
         weight = label_weights(mix, cm.H, cm.W)
         if isinstance(algorithm, MixUp):
             assert all(box in ((0, cm.H, 0, cm.W), (0, 0, 0, 0)) for _, box, _ in mix)  # whole images only
+            assert all(m <= 0.5 for _, _, m in mix)  # Composer's min(z, 1 - z): the own label stays the main one
             if not algorithm.per_sample:  # Composer's own op, for the recovered mixing and partners
                 composer_mixed, _, _ = composer_mixup_batch(x_all[ids], y_all[ids], mixing=mix[0][2],
                                                             indices=partners - ids[0])
