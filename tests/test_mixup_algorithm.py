@@ -514,6 +514,17 @@ def test_bad_input_on_one_rank_raises_on_every_rank(tmp_path):
         assert len(set(messages)) == 1 and needles[what] in messages[0] and 'rank 1' in messages[0], messages
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    'dist_cutmix.metrics.prepare_train_metrics names CutMix in its refusal ("... or CutMix(wrap_train_metrics=True) '
+    'to do it for you") and in its log line, whichever algorithm called it'))
+@pytest.mark.parametrize('make, name', [(lambda: MixUp(wrap_train_metrics=False), 'MixUp'),
+                                        (lambda: MixUpCutMix(wrap_train_metrics=False), 'MixUpCutMix')],
+                         ids=['mixup', 'mixupcutmix'])
+def test_a_refused_stock_metric_names_the_algorithm_in_use(make, name):
+    with pytest.raises(ValueError, match=rf'train metric.*{name}\(wrap_train_metrics=True\)'):
+        run_trainer([make()], duration='1ba')
+
+
 # ---------------------------------------------------------------------------- 6. constructor validation
 
 
