@@ -290,3 +290,69 @@ def test_inplace_true_does_overwrite_cached_tensors():
     r = train_and_check('cached', 'local', inplace=True)
     assert r['aliases'] and min(r['lams']) < 1.0
     assert not r['intact'] and r['changed_fraction'] > 0
+
+
+# ---------------------------------------------------------------------------- MixUp and MixUpCutMix (issue 16)
+# The same promise for the other mixing algorithms: MixUp blends every pixel of the batch, MixUpCutMix pastes
+# or blends, so a write into the loader's memory would change every stored sample.
+
+MIXERS = ('mixup', 'mixupcutmix')
+
+
+def _mixer(name: str, mode: str) -> Any:
+    from dist_cutmix import MixUp, MixUpCutMix
+
+    if name == 'mixup':
+        return MixUp(alpha=1.0, mode=mode)
+    return MixUpCutMix(label_smoothing=0.1, per_sample=True, mode=mode)
+
+
+def train_mixer_and_check(kind: str, mode: str, name: str) -> dict[str, Any]:
+    """:func:`train_and_check` for MixUp or MixUpCutMix (``inplace=None``); ``name`` is the logged key's prefix."""
+    dataset, loader_kwargs, device = _build(kind)
+    before = copy.deepcopy(dataset.stored())
+    loader = DataLoader(dataset, batch_size=None, sampler=dist.get_sampler(dataset, shuffle=False), **loader_kwargs)
+    first = next(iter(loader))[0]
+    aliases = any(_same_memory(first, leaf) for leaf in _leaves(dataset.stored()[0]))
+    recorder, mem = Recorder(), InMemoryLogger()
+    model = make_model()
+    algorithm = _mixer(name, mode)
+    Trainer(
+        model=model, train_dataloader=loader, max_duration=f'{EPOCHS}ep',
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.01), algorithms=[algorithm], callbacks=[recorder],
+        loggers=[mem], seed=17, device=device, progress_bar=False, log_to_console=False,
+        device_train_microbatch_size=BATCH, dist_timeout=30,
+    ).fit()
+    intact, changed = _compare(before, dataset.stored())
+    originals = _stored_batches(before[0])
+    seen = [recorder.whole(b, 'input').cpu() for b in sorted(recorder.batches)]
+    return {
+        'kind': kind, 'aliases': aliases, 'intact': intact, 'changed_fraction': changed,
+        'lams': [float(v) for _, v in mem.data[f'{name}/lambda']], 'steps': len(seen),
+        'unlike_any_stored': sum(not any(torch.equal(s, o) for o in originals) for s in seen),
+    }
+
+
+@pytest.mark.parametrize('name', MIXERS)
+@pytest.mark.parametrize('kind', CPU_KINDS)
+def test_mixup_and_mixupcutmix_leave_the_dataset_bit_for_bit_locally(kind, name):
+    _assert_safe_and_mixed(train_mixer_and_check(kind, 'local', name), steps=EPOCHS * NUM_BATCHES)
+
+
+def _every_mixer_on_rank(rank: int, world: int) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(kind, name): train_mixer_and_check(kind, 'global', name) for name in MIXERS for kind in CPU_KINDS}
+
+
+@pytest.fixture(scope='module')
+def global_mixer_results(tmp_path_factory) -> list[dict[tuple[str, str], dict[str, Any]]]:
+    """One spawn of 2 gloo ranks training every CPU kind with MixUp and with MixUpCutMix in mode 'global'."""
+    return run_ranks(_every_mixer_on_rank, 2, tmp_path_factory.mktemp('global_mixers'), deadline_s=300)
+
+
+@pytest.mark.parametrize('name', MIXERS)
+@pytest.mark.parametrize('kind', CPU_KINDS)
+def test_mixup_and_mixupcutmix_leave_the_dataset_bit_for_bit_on_two_ranks(kind, name, global_mixer_results):
+    reports = [r[(kind, name)] for r in global_mixer_results]
+    for r in reports:
+        _assert_safe_and_mixed(r, steps=EPOCHS * NUM_BATCHES // 2)
+    assert reports[0]['lams'] == reports[1]['lams']  # one global draw per batch

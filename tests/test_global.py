@@ -253,3 +253,48 @@ def test_exchange_plan_delivers_each_partner_in_one_process():
         local = arrived.index_select(0, plan.recv_index) if len(arrived) else arrived
         assert torch.equal(local, perm[offsets[d]:offsets[d] + sizes[d]])
         assert torch.equal(plan.partners, perm[offsets[d]:offsets[d] + sizes[d]])
+
+
+# ---------------------------------------------------------------------------- MixUp and MixUpCutMix (issue 16)
+
+MISMATCHES = ['shape', 'dtype', 'kind', 'num_classes', 'ndim', 'label']
+
+
+def _spec_mismatches_on_rank(rank, world):
+    """Every mismatch of :func:`_mismatch_on_rank`, mixed as MixUp and as MixUpCutMix (per sample, smoothed)."""
+    from dist_cutmix.spec import MixSpec
+
+    specs = {'mixup': (MixSpec.mixup(1.0), False), 'mixupcutmix': (MixSpec(mixup_alpha=0.8, label_smoothing=0.1), True)}
+    out = {}
+    for name, (spec, per_sample) in specs.items():
+        for what in MISMATCHES:
+            x, y = _rank_data(rank, 3, 'index')
+            num_classes = K
+            if rank == 1:
+                x, y, num_classes = {
+                    'shape': (torch.randn(3, C, H + 1, W), y, K), 'dtype': (x.double(), y, K),
+                    'kind': (x, torch.softmax(torch.randn(3, K), 1), K), 'num_classes': (x, y, K + 1),
+                    'ndim': (x[0], y, K), 'label': (x, torch.tensor([0, 1, K + 3]), K),
+                }[what]
+            try:
+                mix_batch_across_group(x, y, seed=SEED, batch=BATCH, num_classes=num_classes, spec=spec,
+                                       per_sample=per_sample)
+                out[(name, what)] = None
+            except BatchMismatchError as e:
+                out[(name, what)] = str(e)
+    return out
+
+
+def test_mixup_and_mixupcutmix_disagreement_raises_the_same_error_on_every_rank(tmp_path):
+    needles = dict(shape='input (N, 3, 13, 10)', dtype='torch.float64', kind='soft target', num_classes='num_classes=6',
+                   ndim='input must have shape (N, C, H, W), got shape (3, 12, 10)',
+                   label='index targets must lie in [0, num_classes=5), got values in [0, 8]')
+    start = time.monotonic()
+    results = run_ranks(_spec_mismatches_on_rank, 3, tmp_path)
+    assert time.monotonic() - start < 60  # a timeout would take 30 s a case: none hung
+    for name in ('mixup', 'mixupcutmix'):
+        for what in MISMATCHES:
+            messages = [r[(name, what)] for r in results]
+            assert all(m is not None for m in messages), (name, what, messages)
+            assert len(set(messages)) == 1, (name, what, messages)
+            assert needles[what] in messages[0] and 'rank 1' in messages[0], (name, what, messages[0])
