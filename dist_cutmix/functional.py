@@ -514,7 +514,9 @@ def mix_targets(
     if smoothing and kind in ('dense', 'binary'):
         raise ValueError(
             f'label_smoothing spreads ε over a class axis: it takes index (N,) or soft (N, C) targets, '
-            f'got {kind} targets of shape {tuple(target.shape)} with label_smoothing={smoothing}',
+            f'got {kind} targets of shape {tuple(target.shape)} with label_smoothing={smoothing}'
+            + (' (floating (N,) targets are read as binary probabilities; class indices must be an integer tensor: '
+               'pass target.long())' if kind == 'binary' else ''),
         )
     if kind == 'dense':
         y0, y1, x0, x1 = box

@@ -93,13 +93,18 @@ def _kind_and_problem(
         if spec.label_smoothing and kind in ('binary', 'dense') and mix_target:
             raise ValueError(
                 f'label_smoothing spreads ε over a class axis: it takes index (N,) or soft (N, C) targets, got '
-                f'{kind} targets of shape {tuple(target.shape)} with label_smoothing={spec.label_smoothing}',  # type: ignore[union-attr]
+                f'{kind} targets of shape {tuple(target.shape)} with label_smoothing={spec.label_smoothing}'  # type: ignore[union-attr]
+                + _BINARY_HINT.get(kind, ''),
             )
         if kind == 'dense' and spec.mixup_alpha > 0 and spec.prob > 0 and not target.is_floating_point():  # type: ignore[union-attr]
             F.mix_targets(target, target, 0.5, (0, 0, 0, 0), kind='dense', weight=0.5)  # type: ignore[arg-type]
         return kind, None
     except (TypeError, ValueError) as e:
         return None, e
+
+
+_BINARY_HINT = {'binary': ' (floating (N,) targets are read as binary probabilities; class indices must be an integer '
+                           'tensor: pass target.long())'}
 
 
 def _spec(spec: Optional[MixSpec], alpha: float, uniform_sampling: bool) -> MixSpec:

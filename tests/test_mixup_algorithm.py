@@ -458,10 +458,6 @@ def test_zero_one_float_labels_on_a_ten_class_model_are_caught_before_the_loss(m
         _ten_class_run(make(), labels)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'with label_smoothing > 0, (N,) float 0.0/1.0 class indices on a 10-class model meet the smoothing check first: '
-    '"label_smoothing spreads ε over a class axis ... got binary targets of shape (4,)", which calls them binary '
-    'and does not say to pass target.long()'))
 def test_zero_one_float_labels_with_label_smoothing_name_target_long():
     labels = torch.tensor([0.0, 1.0, 1.0, 0.0] * 3)
     with pytest.raises(ValueError, match=r'target\.long\(\)'):
@@ -514,9 +510,6 @@ def test_bad_input_on_one_rank_raises_on_every_rank(tmp_path):
         assert len(set(messages)) == 1 and needles[what] in messages[0] and 'rank 1' in messages[0], messages
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'dist_cutmix.metrics.prepare_train_metrics names CutMix in its refusal ("... or CutMix(wrap_train_metrics=True) '
-    'to do it for you") and in its log line, whichever algorithm called it'))
 @pytest.mark.parametrize('make, name', [(lambda: MixUp(wrap_train_metrics=False), 'MixUp'),
                                         (lambda: MixUpCutMix(wrap_train_metrics=False), 'MixUpCutMix')],
                          ids=['mixup', 'mixupcutmix'])
