@@ -165,12 +165,14 @@ def panels(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 target = _caption_target(rec['target'][i])
                 panel['method'] = method
                 if method == 'unmixed':
-                    panel['title'] = f'rank {r} #{i}: unmixed\nλ=1  target {target}'
+                    panel['title'] = f'rank {r} #{i}: unmixed, λ=1\ntarget {target}'
                     continue
                 panel['outline'] = (box, METHOD_COLORS[method])
                 panel['color'] = 'tab:blue' if p != r else 'black'
-                name = f'{method} ' if rec.get('switch') else ''
-                panel['title'] = f'rank {r} #{i} ← rank {p} #{j}\n{name}λ={lam:.2f}  target {target}'
+                if rec.get('switch'):  # three short lines: the switched captions are longer
+                    panel['title'] = f'rank {r} #{i} ← rank {p} #{j}\n{method} λ={lam:.2f}\ntarget {target}'
+                else:
+                    panel['title'] = f'rank {r} #{i} ← rank {p} #{j}\nλ={lam:.2f}  target {target}'
     return out
 
 
@@ -178,8 +180,8 @@ def _caption_target(soft: torch.Tensor) -> str:
     """The (at most two) classes above the floor of a soft target, and the floor ε/C when smoothed."""
     floor = float(soft.min())
     top = [int(c) for c in torch.argsort(soft, descending=True)[:2] if float(soft[c]) > floor + 1e-6]
-    text = ' '.join(f'{c}:{float(soft[c]):.2f}' for c in top)
-    return f'{text} (rest {floor:.2f})' if floor > 0 else text
+    text = ', '.join(f'{c}:{float(soft[c]):.2f}' for c in top)
+    return f'{text}, rest {floor:.2f}' if floor > 0 else text
 
 
 def _suptitle(records: list[dict[str, Any]]) -> str:
@@ -211,7 +213,8 @@ def draw_grid(records: list[dict[str, Any]], out: str, dpi: int = 110) -> Path:
     from matplotlib.patches import Rectangle
 
     world, n = len(records), records[0]['original'].shape[0]
-    fig, axes = plt.subplots(2 * world, n, figsize=(2.3 * n, 2.75 * 2 * world), squeeze=False)
+    row_inches = 3.0 if records[0].get('switch') else 2.75  # room for three caption lines
+    fig, axes = plt.subplots(2 * world, n, figsize=(2.3 * n, row_inches * 2 * world), squeeze=False)
     for panel in panels(records):
         ax = axes[panel['row']][panel['col']]
         ax.imshow(panel['image'].numpy(), cmap='gray', vmin=0, vmax=1, interpolation='nearest')

@@ -398,16 +398,17 @@ def test_visualize_switch_shows_the_engines_images_and_names_each_method(tmp_pat
         assert panel['method'] == rec['method'][i] == method
         lam = 1 - w * (y1 - y0) * (x1 - x0) / 784
         if method == 'unmixed':
-            assert 'unmixed' in panel['title'] and panel['outline'] is None
+            assert 'unmixed, λ=1' in panel['title'] and panel['outline'] is None
         else:
-            assert f'{method} λ={lam:.2f}' in panel['title']
+            assert f'\n{method} λ={lam:.2f}\n' in panel['title']
             assert panel['outline'] == ((y0, y1, x0, x1), 'red' if method == 'CutMix' else 'tab:orange')
             p, j = divmod(int(draw.indices[g]), 5)
             assert f'← rank {p} #{j}' in panel['title']
     assert seen == {'CutMix', 'MixUp', 'unmixed'}
     png = draw_grid(records, str(tmp_path / 'switch.png'), dpi=40)
     with Image.open(png) as img:
-        assert img.format == 'PNG' and img.size == (460, 440)
+        # figsize (2.3 * 5, 3.0 * 2 * 2) inches at 40 dpi
+        assert img.format == 'PNG' and img.size == (460, 480)
         rgb = torch.tensor(list(img.convert('RGB').getdata()))
     red = (rgb[:, 0] > 200) & (rgb[:, 1] < 80) & (rgb[:, 2] < 80)
     orange = (rgb[:, 0] > 220) & (rgb[:, 1] > 100) & (rgb[:, 1] < 160) & (rgb[:, 2] < 60)
