@@ -9,6 +9,8 @@ Run it as it is, or under Composer's launcher::
     composer -n 2 launch/train.py --mode global          # 2 ranks on this node (gloo on CPU, NCCL on GPU)
     composer -n 2 launch/train.py --mode global --fsdp   # the same, sharded with FSDP2
     python launch/train.py --per-sample                  # a λ and a box per sample, not per batch
+    composer -n 2 launch/train.py --mode global --mixup-alpha 0.8 --cutmix-alpha 1.0 --switch-prob 0.5 \
+        --label-smoothing 0.1                            # timm's DeiT recipe: MixUpCutMix across ranks
     python launch/train.py --duration 1ep --save-folder runs/a
     python launch/train.py --duration 2ep --resume runs/a/latest-rank0.pt
 
@@ -25,6 +27,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -34,13 +37,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ['ResNetMini', 'build_parser', 'load_mnist', 'main', 'parse_args']
+__all__ = ['MIXING_FLAGS', 'ResNetMini', 'build_algorithm', 'build_parser', 'load_mnist', 'main', 'parse_args']
 
 NUM_CLASSES = 10
 TRAIN_PER_CLASS = 400
 EVAL_PER_CLASS = 100
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the usual MNIST normalisation
 MODES = ('none', 'local', 'global', 'node')
+# The flags that turn the run from CutMix into MixUp or MixUpCutMix (timm's Mixup), by their dest names.
+MIXING_FLAGS = ('mixup_alpha', 'cutmix_alpha', 'switch_prob', 'mix_prob', 'label_smoothing')
 
 log = logging.getLogger('launch.train')
 
@@ -152,11 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument('--mode', choices=MODES, default='global',
-                   help="CutMix mixing: 'none' (no CutMix), within each rank, across all ranks, "
+                   help="mixing: 'none' (no mixing), within each rank, across all ranks, "
                         "or across a node's ranks")
-    p.add_argument('--alpha', type=float, default=1.0, help='Beta(alpha, alpha) concentration of the kept share')
+    p.add_argument('--alpha', type=float, default=None,
+                   help="CutMix's Beta(alpha, alpha) concentration of the kept share (1.0 when not given)")
     p.add_argument('--per-sample', action='store_true',
-                   help='give every sample its own λ and box (CutMix(per_sample=True)) instead of one per batch')
+                   help='give every sample its own draw (per_sample=True; timm\'s mode="elem"), not one per batch')
+    mix = p.add_argument_group(
+        'MixUp and timm-style switching',
+        'Without these the run uses CutMix(alpha). --mixup-alpha alone gives dist_cutmix.MixUp (Composer\'s MixUp: '
+        'partner weight min(z, 1 - z)); any other of them gives MixUpCutMix (timm\'s Mixup), where an alpha not '
+        'given is 0 if the other is given (--alpha counts as --cutmix-alpha), and CutMix at 1.0 otherwise.',
+    )
+    mix.add_argument('--mixup-alpha', type=float, default=None, help="MixUp's Beta concentration (timm --mixup)")
+    mix.add_argument('--cutmix-alpha', type=float, default=None, help="CutMix's Beta concentration (timm --cutmix)")
+    mix.add_argument('--switch-prob', type=float, default=None,
+                     help='probability of CutMix rather than MixUp when both alphas are > 0 (MixUpCutMix default 0.5)')
+    mix.add_argument('--mix-prob', type=float, default=None,
+                     help='probability that a batch (with --per-sample: a sample) is mixed at all (default 1.0)')
+    mix.add_argument('--label-smoothing', type=float, default=None, help='ε of the soft targets (default 0)')
+    mix.add_argument('--stop-at', default=None, metavar='TIME',
+                     help="Composer time ('0.9dur', '8ep', '300ba') from which nothing is mixed; label smoothing stays "
+                          "(timm's mixup_off_epoch); also with plain CutMix or MixUp")
     p.add_argument('--batch-size', type=int, default=32, help='samples per rank per step')
     p.add_argument('--duration', default='10ep', help="Composer time string: '6ep', '300ba', '20000sp'")
     p.add_argument('--lr', type=float, default=None,
@@ -191,11 +213,96 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f'--batch-size must be >= 1, got {args.batch_size}')
-    if args.alpha < 0:
-        parser.error(f'--alpha must be >= 0, got {args.alpha}')
     if args.lr is not None and args.lr <= 0:
         parser.error(f'--lr must be > 0, got {args.lr}')
+    given = ' '.join(f'{_flag(n)} {getattr(args, n)}' for n in ('alpha', *MIXING_FLAGS, 'stop_at')
+                     if getattr(args, n) is not None)
+    try:
+        _resolve_mixing(args)
+        build_algorithm(args)  # every value the algorithm would refuse is refused here, by the algorithm itself
+    except (TypeError, ValueError) as e:
+        hint = ' (--mix-prob is the algorithm\'s prob)' if 'got prob=' in str(e) else ''
+        parser.error(f'{e}{hint}; from {given or "the defaults"}')
     return args
+
+
+def _flag(name: str) -> str:
+    return '--' + name.replace('_', '-')
+
+
+def _resolve_mixing(args: argparse.Namespace) -> None:
+    """Decide which algorithm the flags ask for (``args.algorithm``) and fill in the values it gets.
+
+    Raises:
+        ValueError: for flags that contradict each other or the mode, naming them.
+    """
+    if getattr(args, 'algorithm', None) is not None:
+        return  # already resolved (launch/experiment.py passes parsed arguments on)
+    given = [name for name in MIXING_FLAGS if getattr(args, name) is not None]
+    if args.mode == 'none':
+        extra = [_flag(n) for n in given] + (['--stop-at'] if args.stop_at is not None else [])
+        if extra:
+            raise ValueError(f'--mode none trains without mixing, so it takes none of {", ".join(extra)}; '
+                             f'pick --mode local, global or node')
+        args.algorithm, args.alpha = 'none', 1.0 if args.alpha is None else args.alpha
+        if args.alpha < 0:
+            raise ValueError(f'--alpha must be >= 0, got {args.alpha}')
+        return
+    if args.cutmix_alpha is not None and args.alpha is not None and args.cutmix_alpha != args.alpha:
+        raise ValueError(f'--alpha and --cutmix-alpha name the same thing (CutMix\'s Beta concentration), got '
+                         f'--alpha {args.alpha} and --cutmix-alpha {args.cutmix_alpha}')
+    if args.cutmix_alpha is None and args.alpha is not None and given:
+        args.cutmix_alpha = args.alpha  # --alpha is CutMix's alpha: with the new flags, it counts as --cutmix-alpha
+        given = [name for name in MIXING_FLAGS if getattr(args, name) is not None]
+    if not given:
+        args.algorithm, args.alpha = 'CutMix', 1.0 if args.alpha is None else args.alpha
+        return
+    if given == ['mixup_alpha']:
+        args.algorithm = 'MixUp'
+        return
+    args.algorithm = 'MixUpCutMix'
+    if args.mixup_alpha is None:
+        args.mixup_alpha = 0.0
+    if args.cutmix_alpha is None:
+        args.cutmix_alpha = 0.0 if 'mixup_alpha' in given else 1.0
+    if args.switch_prob is not None and not (args.mixup_alpha > 0 and args.cutmix_alpha > 0):
+        raise ValueError(f'--switch-prob chooses between MixUp and CutMix, so it needs --mixup-alpha > 0 and '
+                         f'--cutmix-alpha > 0, got --mixup-alpha {args.mixup_alpha} and --cutmix-alpha '
+                         f'{args.cutmix_alpha} with --switch-prob {args.switch_prob}')
+
+
+def build_algorithm(args: argparse.Namespace) -> Optional[Any]:
+    """The mixing algorithm the parsed flags ask for (``None`` for ``--mode none``)."""
+    _resolve_mixing(args)
+    from dist_cutmix import CutMix, MixUp, MixUpCutMix
+
+    common = dict(mode=args.mode, per_sample=args.per_sample, stop_at=args.stop_at)
+    if args.algorithm == 'none':
+        return None
+    if args.algorithm == 'CutMix':
+        return CutMix(alpha=args.alpha, **common)
+    if args.algorithm == 'MixUp':
+        return MixUp(alpha=args.mixup_alpha, **common)
+    return MixUpCutMix(
+        mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
+        prob=1.0 if args.mix_prob is None else args.mix_prob,
+        switch_prob=0.5 if args.switch_prob is None else args.switch_prob,
+        label_smoothing=0.0 if args.label_smoothing is None else args.label_smoothing, **common,
+    )
+
+
+def _mixing_summary(algorithm: Any) -> dict[str, Any]:
+    """What the algorithm was built with, read off the algorithm itself (not the flags)."""
+    if algorithm is None:
+        return {'algorithm': None}
+    spec = algorithm.spec
+    return {
+        'algorithm': type(algorithm).__name__, 'mixup_alpha': spec.mixup_alpha, 'cutmix_alpha': spec.cutmix_alpha,
+        'switch_prob': spec.switch_prob, 'mix_prob': spec.prob, 'label_smoothing': spec.label_smoothing,
+        # Composer's MixUp folds the partner weight to min(z, 1 - z); MixUpCutMix takes timm's 1 - λ
+        'mixup_fold': spec.mixup_fold,
+        'stop_at': None if algorithm.stop_at is None else algorithm.stop_at.to_timestring(),
+    }
 
 
 # ----------------------------------------------------------------------------- run
@@ -230,6 +337,37 @@ def _set_threads(threads: Optional[int]) -> int:
     return threads
 
 
+class _SoftCrossEntropyWarnings:
+    """Notes whether Composer's soft cross entropy warned during a run; the warning itself is shown as usual.
+
+    Inside it, ``warnings.showwarning`` is wrapped (not replaced) and the per-location "shown once" registry
+    starts afresh (``catch_warnings``), so a second run in the same process reports its own warning.
+    """
+
+    MESSAGE = 'less than 1 total probability'
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._catch: Optional[warnings.catch_warnings] = None
+
+    def __enter__(self) -> '_SoftCrossEntropyWarnings':
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        show = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+            if self.MESSAGE in str(message):
+                self.seen = True
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._catch is not None:
+            self._catch.__exit__(*exc)
+
+
 def _last(history: dict[str, list], key: str) -> Optional[float]:
     values = history.get(key)
     return float(values[-1][1]) if values else None
@@ -260,8 +398,8 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series:
     """Train once; every rank returns the run summary (rank 0 also prints it and writes ``--json``).
 
     With ``series=True`` the summary also holds ``series``: per training batch, the train loss
-    (``loss/train/total``, averaged over the ranks) and this rank's logged ``cutmix/lambda``
-    (``launch/loss_spread.py`` uses them).
+    (``loss/train/total``, averaged over the ranks), this rank's logged ``cutmix/lambda``
+    (``launch/loss_spread.py`` uses them) and the running algorithm's logged λ (``mix_lambda``).
     """
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     start = time.perf_counter()
@@ -273,7 +411,6 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series:
     from composer.utils import dist, reproducibility
     from torchmetrics.classification import MulticlassAccuracy
 
-    from dist_cutmix import CutMix
     from dist_cutmix.metrics import SoftTargetAccuracy
 
     device = _device_name(args.device)
@@ -301,7 +438,9 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series:
     global_batch = args.batch_size * world_size
     lr = args.lr if args.lr is not None else 0.1 * global_batch / 32
     optimizer = DecoupledSGDW(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
-    algorithms = [] if args.mode == 'none' else [CutMix(alpha=args.alpha, mode=args.mode, per_sample=args.per_sample)]
+    algorithm = build_algorithm(args)
+    algorithms = [] if algorithm is None else [algorithm]
+    prefix = getattr(algorithm, '_log_prefix', 'cutmix')  # the algorithm's logged keys: cutmix/, mixup/, mixupcutmix/
     parallelism = None
     if args.fsdp:
         from composer.utils.parallelism import FSDP2Config
@@ -310,6 +449,7 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series:
         parallelism = {'fsdp': FSDP2Config(state_dict_type='full')}
 
     history = InMemoryLogger()
+    soft_ce = _SoftCrossEntropyWarnings()
     trainer = Trainer(
         model=model,
         train_dataloader=train_loader,
@@ -331,7 +471,8 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series:
         run_name=f'mnist-{args.mode}-w{world_size}-s{args.seed}',
     )
     try:
-        trainer.fit()
+        with soft_ce:
+            trainer.fit()
         state = trainer.state
         eval_curve = [(int(t.epoch), int(t.batch), float(v))
                       for t, v in history.data.get('metrics/eval/MulticlassAccuracy', [])]
@@ -343,8 +484,16 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series:
             'cutmix_lambda_mean': _mean(history.data, 'cutmix/lambda'),
             # Share of samples whose pasted crop came from another rank (global and node modes).
             'cutmix_cross_rank_fraction_mean': _mean(history.data, 'cutmix/cross_rank_fraction'),
+            # The same for whichever algorithm ran (its own log prefix): λ is each sample's own-label weight.
+            'mix_lambda_mean': _mean(history.data, f'{prefix}/lambda'),
+            'mix_cross_rank_fraction_mean': _mean(history.data, f'{prefix}/cross_rank_fraction'),
+            # Whether Composer's soft_cross_entropy warned "Some targets have less than 1 total probability"
+            # in this run (shown as it came, never filtered): label smoothing's float32 rows can sum a few
+            # ulps under 1 (see docs/launch.md).
+            'soft_cross_entropy_warned': soft_ce.seen,
             'eval_curve': [{'epoch': e, 'batch': b, 'accuracy': a} for e, b, a in eval_curve],
-            'mode': args.mode, 'alpha': args.alpha, 'per_sample': args.per_sample, 'fsdp': args.fsdp, 'device': device,
+            'mode': args.mode, 'alpha': args.alpha, **_mixing_summary(algorithm),
+            'per_sample': args.per_sample, 'fsdp': args.fsdp, 'device': device,
             'world_size': world_size, 'threads_per_rank': threads,
             'batch_size_per_rank': args.batch_size, 'global_batch_size': global_batch, 'lr': lr,
             'seed': args.seed, 'duration': args.duration,
@@ -357,7 +506,8 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series:
         }
         if series:
             summary['series'] = {'loss': _per_batch(history.data, 'loss/train/total'),
-                                 'cutmix_lambda': _per_batch(history.data, 'cutmix/lambda')}
+                                 'cutmix_lambda': _per_batch(history.data, 'cutmix/lambda'),
+                                 'mix_lambda': _per_batch(history.data, f'{prefix}/lambda')}
     finally:
         trainer.close()
     if rank == 0:
@@ -366,6 +516,7 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series:
             f"[launch/train] eval accuracy {eval_acc if eval_acc is None else f'{eval_acc:.4f}'} | "
             f"train soft accuracy {summary['train_soft_accuracy'] or float('nan'):.4f} | "
             f"wall {summary['wall_s']:.1f} s | mode {args.mode}{' (per-sample)' if args.per_sample else ''} | "
+            f"{summary['algorithm'] or 'no mixing'} | "
             f"world size {world_size}"
             f"{' | fsdp2' if args.fsdp else ''} | {device} | {summary['samples_seen']} samples, "
             f"{summary['batches']} batches of {global_batch}",

@@ -158,6 +158,130 @@ def test_resume_from_a_checkpoint_continues_the_run_exactly(tmp_path, extra):
         assert resumed['eval_accuracy'] == full['eval_accuracy']
 
 
+# ----------------------------------------------------------------------------- train.py: MixUp and timm's recipe
+
+RECIPE = ['--mode', 'global', '--mixup-alpha', '0.8', '--cutmix-alpha', '1.0', '--switch-prob', '0.5',
+          '--label-smoothing', '0.1']
+
+
+@pytest.mark.parametrize('argv, kind, spec, stop_at', [
+    ([], 'CutMix', dict(cutmix_alpha=1.0, mixup_alpha=0.0, label_smoothing=0.0), None),
+    (['--alpha', '0.5', '--stop-at', '3ba'], 'CutMix', dict(cutmix_alpha=0.5, mixup_alpha=0.0), '3ba'),
+    (['--mixup-alpha', '0.3'], 'MixUp', dict(cutmix_alpha=0.0, mixup_alpha=0.3, mixup_fold=True), None),
+    (RECIPE, 'MixUpCutMix', dict(cutmix_alpha=1.0, mixup_alpha=0.8, switch_prob=0.5, prob=1.0, label_smoothing=0.1,
+                                 mixup_fold=False), None),
+    (['--mixup-alpha', '0.4', '--cutmix-alpha', '0.7', '--switch-prob', '0.3', '--mix-prob', '0.6',
+      '--label-smoothing', '0.2', '--stop-at', '0.5dur', '--per-sample'], 'MixUpCutMix',
+     dict(cutmix_alpha=0.7, mixup_alpha=0.4, switch_prob=0.3, prob=0.6, label_smoothing=0.2), '0.5dur'),
+    (['--mixup-alpha', '0.8', '--label-smoothing', '0.1'], 'MixUpCutMix',  # MixUp alone, smoothed
+     dict(cutmix_alpha=0.0, mixup_alpha=0.8, label_smoothing=0.1), None),
+    (['--label-smoothing', '0.1'], 'MixUpCutMix', dict(cutmix_alpha=1.0, mixup_alpha=0.0, label_smoothing=0.1), None),
+    (['--alpha', '0.5', '--mixup-alpha', '0.8'], 'MixUpCutMix', dict(cutmix_alpha=0.5, mixup_alpha=0.8), None),
+])
+def test_mixing_flags_reach_the_algorithm(argv, kind, spec, stop_at):
+    from launch.train import build_algorithm, parse_args
+
+    args = parse_args(argv)
+    algorithm = build_algorithm(args)
+    assert type(algorithm).__name__ == kind and args.algorithm == kind
+    assert {k: getattr(algorithm.spec, k) for k in spec} == spec
+    assert algorithm.mode == args.mode and algorithm.per_sample is ('--per-sample' in argv)
+    assert (None if algorithm.stop_at is None else algorithm.stop_at.to_timestring()) == stop_at
+
+
+def test_mode_none_builds_no_algorithm_and_keeps_alpha():
+    from launch.train import build_algorithm, parse_args
+
+    # launch/loss_spread.py runs its baseline as --mode none --alpha A
+    args = parse_args(['--mode', 'none', '--alpha', '0.5'])
+    assert build_algorithm(args) is None and args.alpha == 0.5
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--mix-prob', '1.5'], ['prob', '1.5', '--mix-prob']),
+    (['--switch-prob', '-0.1', '--mixup-alpha', '1', '--cutmix-alpha', '1'], ['switch_prob', '-0.1']),
+    (['--label-smoothing', '1'], ['label_smoothing', '1']),
+    (['--label-smoothing', 'nan'], ['label_smoothing', 'nan']),
+    (['--mixup-alpha', '-1', '--label-smoothing', '0.1'], ['mixup_alpha', '-1']),
+    (['--cutmix-alpha', 'inf'], ['cutmix_alpha', 'inf']),
+    (['--mixup-alpha', '-0.5'], ['alpha', '-0.5', '--mixup-alpha']),
+    (['--alpha', '-1'], ['alpha', '-1']),
+    (['--stop-at', 'soon'], ['stop_at', 'soon']),
+    (['--stop-at', '5tok', '--mixup-alpha', '0.2'], ['stop_at', '5tok']),
+    (['--switch-prob', '0.5'], ['--switch-prob', '--mixup-alpha']),  # nothing to switch between
+    (['--switch-prob', '0.5', '--mixup-alpha', '0.8'], ['--switch-prob', '--cutmix-alpha 0.0']),
+    (['--alpha', '1', '--cutmix-alpha', '0.5'], ['--alpha', '--cutmix-alpha']),
+    (['--mode', 'none', '--label-smoothing', '0.1'], ['--mode none', '--label-smoothing']),
+    (['--mode', 'none', '--stop-at', '3ba'], ['--mode none', '--stop-at']),
+    (['--mix-prob', 'half'], ['--mix-prob', 'half']),
+])
+def test_bad_mixing_flags_are_argparse_errors_naming_them(argv, words, capsys):
+    from launch.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'error:' in err and all(w in err for w in words), err
+
+
+def _recipe_on_rank(rank: int, world_size: int, argv: list[str]) -> dict:
+    from launch.train import main
+
+    return main(argv, series=True)
+
+
+def test_timm_recipe_on_two_gloo_ranks_mixes_as_drawn(tmp_path):
+    from dist_cutmix._random import batch_generator
+    from dist_cutmix.functional import label_lambda
+    from dist_cutmix.spec import MixSpec, sample_mix
+
+    summaries = run_ranks(_recipe_on_rank, 2, tmp_path, [*TINY, *RECIPE, '--duration', '6ba', '--seed', '3'],
+                          deadline_s=180)
+    spec = MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
+    # Independently of the Trainer: the draw every rank makes for global batch b (2 ranks x 8 images).
+    drawn = [sample_mix(spec, 16, 28, 28, generator=batch_generator(3, b, 'group', 0)) for b in range(6)]
+    kinds = {'cutmix' if d.weight == 1 else 'mixup' for d in drawn}
+    assert kinds == {'cutmix', 'mixup'}, 'seed 3 should switch within 6 batches; pick another seed'
+    for summary in summaries:
+        _check_summary(summary, world_size=2, batches=6)
+        assert summary['algorithm'] == 'MixUpCutMix' and summary['mode'] == 'global'
+        assert (summary['mixup_alpha'], summary['cutmix_alpha'], summary['switch_prob'], summary['mix_prob'],
+                summary['label_smoothing'], summary['stop_at']) == (0.8, 1.0, 0.5, 1.0, 0.1, None)
+        # the algorithm logged, batch by batch, the λ of the switched draw (MixUp or CutMix)
+        assert summary['series']['mix_lambda'] == [float(label_lambda(d.lam)) for d in drawn]
+        assert 0.0 < summary['mix_cross_rank_fraction_mean'] < 1.0
+        assert summary['cutmix_lambda_mean'] is None  # MixUpCutMix logs under its own name
+        assert isinstance(summary['soft_cross_entropy_warned'], bool)
+
+
+def test_stop_at_stops_the_mixing_in_a_real_run(tmp_path):
+    # after 2 batches nothing is mixed: the logged λ is 1 from batch 3 on (label smoothing stays)
+    summaries = run_ranks(_recipe_on_rank, 2, tmp_path, [*TINY, *RECIPE, '--duration', '4ba', '--stop-at', '2ba'],
+                          deadline_s=180)
+    for summary in summaries:
+        assert summary['stop_at'] == '2ba'
+        lams = summary['series']['mix_lambda']
+        assert len(lams) == 4 and all(lam < 1 for lam in lams[:2]) and lams[2:] == [1.0, 1.0]
+
+
+@pytest.mark.skipif(COMPOSER is None, reason='the composer launcher is not installed')
+def test_timm_recipe_line_under_the_composer_launcher_shows_composers_warning(tmp_path):
+    # The README's recipe line, as a user types it. Label smoothing makes Composer's soft_cross_entropy
+    # warn "less than 1 total probability" in most batches (float32 rows (1-ε)·y + ε/C sum a few ulps
+    # under 1, as with Composer's own LabelSmoothing): the script must show it, never filter it, and
+    # the summary must say whether it came.
+    out = tmp_path / 'summary.json'
+    proc = _run([COMPOSER, '-n', '2', 'launch/train.py', *RECIPE, *TINY, '--duration', '3ba', '--device', 'cpu',
+                 '--json', str(out)], timeout=300)
+    summary = json.loads(out.read_text())
+    _check_summary(summary, world_size=2, batches=3)
+    assert summary['algorithm'] == 'MixUpCutMix' and summary['label_smoothing'] == 0.1
+    assert summary['mixup_alpha'] == 0.8 and summary['cutmix_alpha'] == 1.0 and summary['switch_prob'] == 0.5
+    assert 'MixUpCutMix' in proc.stdout and 'world size 2' in proc.stdout
+    assert summary['soft_cross_entropy_warned'] == ('less than 1 total probability' in proc.stderr)
+
+
 # ----------------------------------------------------------------------------- visualize.py
 
 
@@ -234,6 +358,63 @@ def test_visualize_cli_per_sample_writes_its_own_png(tmp_path):
         rgb = torch.tensor(list(img.convert('RGB').getdata()))
     red = (rgb[:, 0] > 200) & (rgb[:, 1] < 80) & (rgb[:, 2] < 80)
     assert int(red.sum()) > 20
+
+
+def _mix_switch_for_picture(rank: int, world_size: int) -> dict:
+    from launch.visualize import build_parser, mix_on_rank, switch_spec
+
+    args = build_parser().parse_args(['--switch'])
+    record = mix_on_rank(rank, world_size, 5, 8, 0, args.alpha, per_sample=True, spec=switch_spec(args))
+    record['spec'] = switch_spec(args)
+    return record
+
+
+def test_visualize_switch_shows_the_engines_images_and_names_each_method(tmp_path):
+    from PIL import Image
+
+    from dist_cutmix._random import batch_generator
+    from dist_cutmix.spec import MixSpec, sample_mix
+    from launch.train import MNIST_MEAN, MNIST_STD
+    from launch.visualize import OUT_SWITCH, build_parser, default_out, draw_grid, panels
+
+    assert default_out(build_parser().parse_args(['--switch'])) == OUT_SWITCH
+    records = run_ranks(_mix_switch_for_picture, 2, tmp_path, deadline_s=120)
+    # The reference: the draw of the global batch of 10 (rank 0's 5 images, then rank 1's), applied by hand.
+    spec = MixSpec(cutmix_alpha=1.0, mixup_alpha=0.8, prob=0.7, switch_prob=0.5, label_smoothing=0.1)
+    draw = sample_mix(spec, 10, 28, 28, per_sample=True, generator=batch_generator(8, 0, 'group', 0))
+    originals = torch.cat([r['original'] for r in records])
+    shown = {(p['rank'], p['index']): p for p in panels(records) if p['key'] == 'mixed'}
+    seen = set()
+    for g in range(10):
+        rank, i = divmod(g, 5)
+        y0, y1, x0, x1 = (int(v) for v in draw.boxes[g])
+        w = float(draw.weights[g])
+        own, partner = originals[g], originals[int(draw.indices[g])]
+        expected = own.clone()
+        expected[:, y0:y1, x0:x1] = (1 - w) * own[:, y0:y1, x0:x1] + w * partner[:, y0:y1, x0:x1]
+        method = 'unmixed' if (y1 - y0) * (x1 - x0) == 0 or w == 0 else 'CutMix' if w == 1 else 'MixUp'
+        seen.add(method)
+        rec, panel = records[rank], shown[(rank, i)]
+        torch.testing.assert_close(rec['mixed'][i], expected, rtol=0, atol=1e-6)
+        assert torch.equal(panel['image'], (rec['mixed'][i, 0] * MNIST_STD + MNIST_MEAN).clamp(0, 1))
+        assert panel['method'] == rec['method'][i] == method
+        lam = 1 - w * (y1 - y0) * (x1 - x0) / 784
+        if method == 'unmixed':
+            assert 'unmixed, λ=1' in panel['title'] and panel['outline'] is None
+        else:
+            assert f'\n{method} λ={lam:.2f}\n' in panel['title']
+            assert panel['outline'] == ((y0, y1, x0, x1), 'red' if method == 'CutMix' else 'tab:orange')
+            p, j = divmod(int(draw.indices[g]), 5)
+            assert f'← rank {p} #{j}' in panel['title']
+    assert seen == {'CutMix', 'MixUp', 'unmixed'}
+    png = draw_grid(records, str(tmp_path / 'switch.png'), dpi=40)
+    with Image.open(png) as img:
+        # figsize (2.3 * 5, 3.0 * 2 * 2) inches at 40 dpi
+        assert img.format == 'PNG' and img.size == (460, 480)
+        rgb = torch.tensor(list(img.convert('RGB').getdata()))
+    red = (rgb[:, 0] > 200) & (rgb[:, 1] < 80) & (rgb[:, 2] < 80)
+    orange = (rgb[:, 0] > 220) & (rgb[:, 1] > 100) & (rgb[:, 1] < 160) & (rgb[:, 2] < 60)
+    assert int(red.sum()) > 20 and int(orange.sum()) > 20  # CutMix boxes and MixUp frames are both drawn
 
 
 # ----------------------------------------------------------------------------- experiment.py
