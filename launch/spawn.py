@@ -11,6 +11,7 @@ Nothing here falls back to one process.
 """
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import pickle
@@ -23,15 +24,21 @@ from typing import Any, Callable, Optional
 __all__ = ['FORKSERVER', 'answer_cpuinfo_from_constant', 'run_ranks']
 
 FORKSERVER = mp.get_context('forkserver')
-FORKSERVER.set_forkserver_preload(['torch', 'torch.distributed', 'composer', 'composer.trainer', 'dist_cutmix'])
+# Composer is an extra: preload it only where it is installed.
+COMPOSER_PRELOAD = ['composer', 'composer.trainer'] if importlib.util.find_spec('composer') else []
+FORKSERVER.set_forkserver_preload(['torch', 'torch.distributed', *COMPOSER_PRELOAD, 'dist_cutmix'])
 
 
 def answer_cpuinfo_from_constant() -> None:
     """Composer asks py-cpuinfo about the CPU in every Trainer (~1 s a rank); answer from a constant.
 
-    For ``run_ranks(..., setup=answer_cpuinfo_from_constant)`` where many short Trainers run.
+    For ``run_ranks(..., setup=answer_cpuinfo_from_constant)`` where many short Trainers run. Without
+    Composer (and its py-cpuinfo) there is no Trainer to ask, and nothing to do.
     """
-    import cpuinfo
+    try:
+        import cpuinfo
+    except ImportError:
+        return
 
     cpuinfo.get_cpu_info = lambda: {'brand_raw': 'cpu', 'count': os.cpu_count()}
 

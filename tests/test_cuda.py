@@ -18,6 +18,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import pytest
 import torch
 import torch.distributed as dist
+
+pytest.importorskip('composer', reason='needs the composer extra')
 from composer import Callback, State, Trainer
 from composer.loggers import Logger
 from composer.models import ComposerClassifier
