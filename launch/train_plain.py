@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--alpha', type=float, default=1.0, help='Beta(alpha, alpha) concentration of the kept share')
     p.add_argument('--per-sample', action='store_true', help='a λ and a box per sample instead of one per batch')
     p.add_argument('--batch-size', type=int, default=32, help='samples per rank per step')
-    p.add_argument('--epochs', type=int, default=3, help='length of the run (a resumed run names the same total)')
+    p.add_argument('--epochs', type=int, default=10, help='length of the run (a resumed run names the same total)')
     p.add_argument('--stop-after', type=int, default=None, metavar='BATCHES',
                    help='stop after this many batches in all, as an interrupted run would (checkpointed with --save)')
     p.add_argument('--lr', type=float, default=None, help='peak learning rate; default 0.1 * global batch / 32')
@@ -149,7 +149,11 @@ def _save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
 
 @torch.no_grad()
 def _evaluate(model: torch.nn.Module, eval_set: Any, rank: int, world_size: int, device: torch.device) -> float:
-    """Accuracy on the whole eval set: each rank scores every ``world_size``-th image, the counts are summed."""
+    """Accuracy on the whole eval set: each rank scores every ``world_size``-th image, the counts are summed.
+
+    ``model`` is the bare network, not its DDP wrapper, whose forward may run a collective the
+    ranks' unequal shares of the eval set would leave unmatched.
+    """
     x, y = eval_set.tensors
     x, y = x[rank::world_size].to(device), y[rank::world_size].to(device)
     model.eval()
@@ -246,7 +250,7 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
             # Every rank joins the syncs in compute() and _evaluate(); rank 0 prints and saves.
             row = {'epoch': step / steps_per_epoch, 'step': step, 'train_loss': float(loss.detach()),
                    'train_soft_accuracy': float(train_accuracy.compute()),
-                   'eval_accuracy': _evaluate(model, eval_set, rank, world_size, device)}
+                   'eval_accuracy': _evaluate(net, eval_set, rank, world_size, device)}
             train_accuracy.reset()
             epochs.append(row)
             if args.save and rank == 0:

@@ -114,6 +114,13 @@ def test_resumed_run_mixes_and_trains_bit_for_bit_as_the_uninterrupted_one(tmp_p
             assert ran['loss'] == ref['loss'], f'rank {rank}, step {ref["step"]}: the weights differ'
         assert r['resumed']['eval_accuracy'] == r['full']['eval_accuracy']
         assert 'seed=3 (checkpoint: 17)' in r['mismatch']
+    # every batch, of both epochs, is the global mix of the two ranks' batches drawn from (seed, batch index)
+    for step in range(8):
+        recs = [r['full']['records'][step] for r in results]
+        x, y = torch.cat([r['input'] for r in recs]), torch.cat([r['target'] for r in recs])
+        ref_x, ref_y, _ = _pixel_reference(x, y, step)
+        assert torch.equal(torch.cat([r['mixed_input'] for r in recs]), ref_x), f'step {step}'
+        assert torch.equal(torch.cat([r['mixed_target'] for r in recs]), ref_y), f'step {step}'
 
 
 def test_single_process_command_trains_and_logs_the_soft_train_accuracy(tmp_path):
