@@ -7,6 +7,7 @@ resumed run mixes exactly as the uninterrupted one did.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from typing import Union
 
 import torch
@@ -38,7 +39,13 @@ def batch_generator(seed: int, batch: int, *keys: Key, device: Union[str, torch.
 
 
 def default_seed() -> int:
-    """A fresh seed from Composer's reproducibility utilities, for use outside a ``Trainer``."""
-    from composer.utils import reproducibility
+    """A fresh seed in ``[0, 2**32)``, for use outside a ``Trainer``.
 
+    Composer's ``reproducibility.get_random_seed()`` when Composer is installed, else one drawn from
+    the operating system's entropy, so the core needs no Composer.
+    """
+    try:
+        from composer.utils import reproducibility
+    except ImportError:
+        return secrets.randbelow(2**32)
     return reproducibility.get_random_seed()

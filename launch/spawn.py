@@ -17,6 +17,7 @@ then picks the CPU, as a gloo group needs, on a machine with GPUs too.
 """
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import pickle
@@ -29,7 +30,9 @@ from typing import Any, Callable, Optional
 __all__ = ['FORKSERVER', 'GLOO_RANK_ENV', 'answer_cpuinfo_from_constant', 'run_ranks']
 
 FORKSERVER = mp.get_context('forkserver')
-FORKSERVER.set_forkserver_preload(['torch', 'torch.distributed', 'composer', 'composer.trainer', 'dist_cutmix'])
+# Composer is an extra: preload it only where it is installed.
+COMPOSER_PRELOAD = ['composer', 'composer.trainer'] if importlib.util.find_spec('composer') else []
+FORKSERVER.set_forkserver_preload(['torch', 'torch.distributed', *COMPOSER_PRELOAD, 'dist_cutmix'])
 
 
 GLOO_RANK_ENV = {'CUDA_VISIBLE_DEVICES': ''}
@@ -60,9 +63,13 @@ def _ensure_forkserver_sees_no_gpu() -> None:
 def answer_cpuinfo_from_constant() -> None:
     """Composer asks py-cpuinfo about the CPU in every Trainer (~1 s a rank); answer from a constant.
 
-    For ``run_ranks(..., setup=answer_cpuinfo_from_constant)`` where many short Trainers run.
+    For ``run_ranks(..., setup=answer_cpuinfo_from_constant)`` where many short Trainers run. Without
+    Composer (and its py-cpuinfo) there is no Trainer to ask, and nothing to do.
     """
-    import cpuinfo
+    try:
+        import cpuinfo
+    except ImportError:
+        return
 
     cpuinfo.get_cpu_info = lambda: {'brand_raw': 'cpu', 'count': os.cpu_count()}
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from launch.spawn import FORKSERVER, answer_cpuinfo_from_constant
+from launch.spawn import COMPOSER_PRELOAD, FORKSERVER, answer_cpuinfo_from_constant
 from launch.spawn import run_ranks as _run_ranks
 
 # Preload this module too: every test's rank body is pickled from a module that imports it.
-FORKSERVER.set_forkserver_preload(['torch', 'torch.distributed', 'composer', 'composer.trainer', 'dist_cutmix',
+FORKSERVER.set_forkserver_preload(['torch', 'torch.distributed', *COMPOSER_PRELOAD, 'dist_cutmix',
                                    'launch.spawn', 'tests.spawn'])
 
 COLLECTIVE_TIMEOUT_S = 30.0

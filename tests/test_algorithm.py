@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as TF
+
+pytest.importorskip('composer', reason='needs the composer extra')
 from composer.utils import dist
 
 from dist_cutmix import CutMix

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
+
+pytest.importorskip('composer', reason='needs the composer extra')
 from composer.algorithms import SelectiveBackprop
 from composer.core import Algorithm, Event
 

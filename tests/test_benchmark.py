@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip('composer', reason='needs the composer extra')
 pytest.importorskip('timm', reason="the op benchmark compares against timm: pip install '.[bench]'")
 pytest.importorskip('torchvision')
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
+pytest.importorskip('composer', reason='needs the composer extra')
 from tests.compat_models import (
     LAYOUTS,
     MODELS,

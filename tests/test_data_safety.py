@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+pytest.importorskip('composer', reason='needs the composer extra')
 from composer import Trainer
 from composer.loggers import InMemoryLogger
 from composer.utils import dist

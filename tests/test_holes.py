@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip('composer', reason='needs the composer extra')
+
 from dist_cutmix import CutMix
 from dist_cutmix import functional as F
 from dist_cutmix._random import batch_generator

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip('composer', reason='needs the composer extra')
 from tests.spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]

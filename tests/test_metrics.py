@@ -208,6 +208,7 @@ def test_wrapper_rejects_what_it_cannot_serve() -> None:
 # ----------------------------------------------------------------------------- prepare_train_metrics
 
 
+@pytest.mark.composer
 def test_prepare_replaces_micro_accuracy_and_wraps_other_classification_metrics(caplog: Any) -> None:
     from composer.metrics import CrossEntropy
 
@@ -372,6 +373,7 @@ def _per_batch(in_memory: Any, key: str) -> dict[int, Tensor]:
     return values
 
 
+@pytest.mark.composer
 def test_trainer_reports_true_train_accuracy_on_mixed_targets() -> None:
     num_batches = 4
     trainer, batches, in_memory = _train(num_batches)
@@ -392,6 +394,7 @@ def test_trainer_reports_true_train_accuracy_on_mixed_targets() -> None:
     torch.testing.assert_close(metrics['MulticlassAccuracy'].compute(), expected_accuracy(*batches[-1]))
 
 
+@pytest.mark.composer
 def test_trainer_without_wrapping_stops_with_the_fix() -> None:
     with pytest.raises(ValueError, match=r"'MulticlassAccuracy' \(MulticlassAccuracy\).*wrap_train_metrics=True"):
         _train(1, wrap=False)

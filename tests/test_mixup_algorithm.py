@@ -17,6 +17,9 @@ from typing import Any, Optional
 
 import pytest
 import torch
+
+pytest.importorskip('composer', reason='needs the composer extra')
+
 from composer import Trainer
 from composer.algorithms import LabelSmoothing
 from composer.algorithms import MixUp as ComposerMixUp

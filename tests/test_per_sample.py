@@ -7,12 +7,10 @@ import os
 import pytest
 import torch
 
-from dist_cutmix import CutMix
 from dist_cutmix import functional as F
 from dist_cutmix._random import batch_generator
 from dist_cutmix.mixer import mix_batch_across_group, mix_batch_local
 from tests.spawn import run_ranks
-from tests.trainer_utils import make_dataset, run_trainer, sample_ids
 
 K = 5
 
@@ -152,6 +150,9 @@ def test_w_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, world):
 
 
 def _trainer_on_rank(rank, world, mode, folder, phase):
+    from dist_cutmix import CutMix
+    from tests.trainer_utils import run_trainer
+
     kwargs = dict(batch_size=4, duration='4ba')
     if phase == 'resume':
         kwargs['load_path'] = os.path.join(folder, 'ba2-rank0.pt')
@@ -162,8 +163,11 @@ def _trainer_on_rank(rank, world, mode, folder, phase):
         [v for _, v in mem.data['cutmix/lambda']]
 
 
+@pytest.mark.composer
 @pytest.mark.parametrize('mode', ['local', 'global'])
 def test_trainer_mixes_per_sample_and_resumes_bit_for_bit(tmp_path, mode):
+    from tests.trainer_utils import make_dataset, sample_ids
+
     folder = str(tmp_path / 'ckpt')
     full = run_ranks(_trainer_on_rank, 2, tmp_path, mode, folder, 'full')
     assert glob.glob(os.path.join(folder, 'ba2-rank0.pt'))
@@ -192,16 +196,23 @@ def test_trainer_mixes_per_sample_and_resumes_bit_for_bit(tmp_path, mode):
             assert torch.equal(resumed[r][0][b][1], full[r][0][b][1])
 
 
+@pytest.mark.composer
 def test_interpolate_loss_with_per_sample_is_refused_naming_the_fix():
+    from dist_cutmix import CutMix
+
     with pytest.raises(ValueError, match='use interpolate_loss=False.*got per_sample=True with interpolate_loss=True'):
         CutMix(per_sample=True, interpolate_loss=True)
 
 
 def _logged_on_rank(rank, world):
+    from dist_cutmix import CutMix
+    from tests.trainer_utils import run_trainer
+
     _, _, mem = run_trainer([CutMix(mode='global', per_sample=True)], batch_size=4, duration='2ba')
     return [v for _, v in mem.data['cutmix/lambda']]
 
 
+@pytest.mark.composer
 def test_global_per_sample_logs_the_global_batch_mean_on_every_rank(tmp_path):
     logged = run_ranks(_logged_on_rank, 2, tmp_path)
     assert logged[0] == logged[1]

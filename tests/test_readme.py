@@ -1,6 +1,7 @@
 """The README and docs/ as code: their Python blocks run, their launch/ commands parse, their links resolve."""
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
 import warnings
@@ -14,9 +15,15 @@ DOCS = sorted((ROOT / 'docs').glob('*.md'))
 PAGES = [README, *DOCS]
 README_LIMIT = 10_000  # characters: a front page, the rest in docs/
 SETUP_COMMANDS = (
-    "python3.11 -m venv .venv && .venv/bin/pip install -e '.[launch]' && .venv/bin/python launch/train.py",
-    "python3.11 -m venv .venv && .venv/bin/pip install -e '.[test,launch,bench]' && .venv/bin/python -m pytest -n 2 -q",
+    "python3.11 -m venv .venv && .venv/bin/pip install -e '.[composer,launch]' && .venv/bin/python launch/train.py",
+    "python3.11 -m venv .venv && .venv/bin/pip install -e '.[composer,test,launch,bench]' "
+    "&& .venv/bin/python -m pytest -n 2 -q",
+    "python3.11 -m venv .venv-core && .venv-core/bin/pip install -e '.[test,launch,bench]' "
+    "&& .venv-core/bin/python -m pytest -n 2 -q",
 )
+HAS_COMPOSER = importlib.util.find_spec('composer') is not None
+# A launch/ script's command line: after `python`, `composer -n N` or `torchrun --nproc_per_node N`.
+LAUNCH_COMMAND = r'(?:python|-n \d+|--nproc_per_node[ =]\d+) launch/(\w+)\.py([^`\n#&]*)'
 
 
 def _name(page: Path) -> str:
@@ -38,8 +45,17 @@ def _check_metrics(ns: dict) -> None:
     assert ns['SoftTargetAccuracy'](num_classes=4)(preds, target).item() == pytest.approx(0.425)
 
 
+def _check_plain_pytorch(ns: dict) -> None:
+    # the loop ran every batch of both epochs, and mixed them: soft targets whose rows sum to 1
+    assert ns['step'] == 16 and ns['epoch'] == 1
+    target = ns['mixed'].target
+    assert target.shape == (8, 4) and bool((target.max(dim=1).values < 1).any())
+    assert target.sum(dim=1).tolist() == [1.0] * 8
+
+
 # Pages that must hold Python blocks, and what their blocks must leave behind.
-CHECKS = {'README.md': _check_readme, 'docs/metrics.md': _check_metrics, 'docs/design.md': lambda ns: None}
+CHECKS = {'README.md': _check_readme, 'docs/metrics.md': _check_metrics, 'docs/design.md': lambda ns: None,
+          'docs/plain_pytorch.md': _check_plain_pytorch}
 
 
 def test_every_checked_page_exists():
@@ -51,6 +67,8 @@ def test_python_blocks_run(page):
     blocks = _python_blocks(page)
     if _name(page) in CHECKS:
         assert blocks, f'{_name(page)} has no python block'
+    if not HAS_COMPOSER and re.search(r'^\s*(from|import) composer\b|\bCutMix\(', ''.join(blocks), flags=re.M):
+        pytest.skip('needs the composer extra')
     namespace: dict = {}
     with warnings.catch_warnings():
         # A reader running the examples must not meet Composer's soft cross-entropy warning.
@@ -61,10 +79,21 @@ def test_python_blocks_run(page):
 
 
 def _parsers():
-    from launch import bench_memory, benchmark, experiment, gpu_check, loss_spread, scaling, train, visualize
+    from launch import (
+        bench_memory,
+        benchmark,
+        experiment,
+        gpu_check,
+        loss_spread,
+        scaling,
+        train,
+        train_plain,
+        visualize,
+    )
 
     return {
         'train': train.parse_args,
+        'train_plain': train_plain.parse_args,
         'benchmark': benchmark._parse_args,
         'bench_memory': bench_memory._parse_args,
         'experiment': lambda argv: experiment.build_parser().parse_args(argv),
@@ -81,7 +110,7 @@ def test_launch_commands_parse():
     parsers = _parsers()
     seen = set()
     for page in PAGES:
-        for script, rest in re.findall(r'(?:python|-n \d+) launch/(\w+)\.py([^`\n#&]*)', page.read_text()):
+        for script, rest in re.findall(LAUNCH_COMMAND, page.read_text()):
             argv = rest.split()
             if '--help' in argv:
                 continue
@@ -133,6 +162,7 @@ def test_readme_links_every_docs_page():
     assert not missing, f'README.md does not link {missing}'
 
 
+@pytest.mark.composer
 def test_readme_argument_table_names_real_arguments():
     from dist_cutmix import CutMix
 
