@@ -104,6 +104,7 @@ def _parsers():
     }
 
 
+@pytest.mark.composer  # launch/train.py checks its flags by building the Composer algorithm they ask for
 def test_launch_commands_parse():
     # Every command line the README or docs/ show for a launch/ script is accepted by that script's
     # parser, so a renamed or removed option cannot leave the docs behind.
