@@ -67,7 +67,8 @@ def test_python_blocks_run(page):
     blocks = _python_blocks(page)
     if _name(page) in CHECKS:
         assert blocks, f'{_name(page)} has no python block'
-    if not HAS_COMPOSER and re.search(r'^\s*(from|import) composer\b|\bCutMix\(', ''.join(blocks), flags=re.M):
+    needs_composer = r'^\s*(from|import) composer\b|\b(CutMix|MixUp|MixUpCutMix|MixingAlgorithm)\('
+    if not HAS_COMPOSER and re.search(needs_composer, ''.join(blocks), flags=re.M):
         pytest.skip('needs the composer extra')
     namespace: dict = {}
     with warnings.catch_warnings():
@@ -175,6 +176,7 @@ def test_readme_argument_table_names_real_arguments():
     assert named and named <= params, f'README documents {named - params}, which CutMix does not take'
 
 
+@pytest.mark.composer
 def test_readme_recipe_block_trains_with_timms_settings():
     # The README's timm recipe block builds the algorithm; here it trains, on the README's own data. The
     # existing block test runs it with Composer's soft cross-entropy warning as an error, but it does not
