@@ -247,7 +247,8 @@ def _main_launched(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f'under a launcher (WORLD_SIZE={_launched_world()}) only --part exchange runs; '
                          f'got --part {args.part}. Run the other parts as `python launch/benchmark.py`.')
     torch.set_num_threads(args.threads)
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group('gloo', timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = exchange_rank(rank, world, args.exchange_shapes, args.exchange_iters, args.warmup, args.seed)
@@ -264,7 +265,8 @@ def _main_launched(args: argparse.Namespace) -> dict[str, Any]:
             print(_targets_markdown(measured))
         _write_json(args.json, report)
     dist.barrier()
-    dist.destroy_process_group()
+    if created:  # a group someone else made is theirs to tear down (a gloo teardown racing a peer can hang)
+        dist.destroy_process_group()
     return report
 
 

@@ -543,7 +543,7 @@ def test_a_refused_stock_metric_names_the_algorithm_in_use(make, name):
     (lambda: MixUpCutMix(stop_at='10tok'), "stop_at must be a Composer time of .*got stop_at='10tok'"),
     (lambda: MixUp(stop_at=5), 'stop_at must be .*got stop_at=5'),
     (lambda: MixUp(per_sample=True, interpolate_loss=True), r'use interpolate_loss=False.*got '
-                                                              r'MixUp\(per_sample=True, interpolate_loss=True\)'),
+                                                              r'per_sample=True with interpolate_loss=True in MixUp'),
     (lambda: MixUp(mode='world'), "mode must be one of .*got mode='world'"),
     (lambda: MixUpCutMix(num_classes=0), 'num_classes must be a positive int or None, got num_classes=0'),
 ])
