@@ -233,6 +233,17 @@ def sample_partners(n: int, *, exclude_self: bool = True, generator: torch.Gener
     return perm
 
 
+def _partners(indices: Optional[Tensor], n: int, *, exclude_self: bool, generator: torch.Generator) -> Tensor:
+    """The given partners, checked to be ``n`` indices in ``[0, n)``, or drawn by :func:`sample_partners`."""
+    if indices is None:
+        return sample_partners(n, exclude_self=exclude_self, generator=generator)
+    indices = torch.as_tensor(indices, dtype=torch.long, device=indices.device if isinstance(indices, Tensor)
+                              else 'cpu')
+    if tuple(indices.shape) != (n,) or (n and (int(indices.min()) < 0 or int(indices.max()) >= n)):
+        raise ValueError(f'indices must be a ({n},) tensor of values in [0, {n}), got {indices}')
+    return indices
+
+
 def sample_params(
     n: int,
     height: int,
@@ -270,13 +281,7 @@ def sample_params(
     alpha = validate_alpha(alpha)
     if box is not None and length is not None:
         raise ValueError(f'Cannot provide both length and bbox; got length={length} and bbox={box}')
-    if indices is None:
-        indices = sample_partners(n, exclude_self=exclude_self, generator=generator)
-    else:
-        indices = torch.as_tensor(indices, dtype=torch.long, device=indices.device if isinstance(indices, Tensor)
-                                  else 'cpu')
-        if tuple(indices.shape) != (n,) or (n and (int(indices.min()) < 0 or int(indices.max()) >= n)):
-            raise ValueError(f'indices must be a ({n},) tensor of values in [0, {n}), got {indices}')
+    indices = _partners(indices, n, exclude_self=exclude_self, generator=generator)
     if box is None:
         if length is not None:
             if not 0 <= length <= 1:
@@ -1021,12 +1026,7 @@ def mixup_batch(
         generator = torch.Generator()
         generator.seed()
     n, _, h, w = input.shape
-    if indices is None:
-        indices = sample_partners(n, generator=generator)
-    else:
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        if tuple(indices.shape) != (n,) or (n and (int(indices.min()) < 0 or int(indices.max()) >= n)):
-            raise ValueError(f'indices must be a ({n},) tensor of values in [0, {n}), got {indices}')
+    indices = _partners(indices, n, exclude_self=True, generator=generator)
     if mixing is None:
         z = sample_lambda(alpha, generator)
         mixing = label_lambda(min(z, 1.0 - z))

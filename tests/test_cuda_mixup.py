@@ -16,6 +16,8 @@ from dist_cutmix import functional as F
 from dist_cutmix._random import batch_generator
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.spec import MixSpec, sample_mix
+from tests.test_cuda import assert_same
+from tests.test_cuda import make_input as cuda_make_input
 
 SEED, N, C, H, W, K = 99, 8, 3, 9, 7, 5
 
@@ -28,15 +30,8 @@ SWITCH = MixSpec(cutmix_alpha=1.0, mixup_alpha=0.8, prob=0.8, switch_prob=0.5, l
 
 
 def make_input(variant: str, n: int = N, seed: int = 0) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if variant == 'uint8':
-        return torch.randint(0, 256, (n, C, H, W), generator=g, dtype=torch.uint8)
-    x = torch.randn(n, C, H, W, generator=g)
-    if variant == 'bfloat16':
-        return x.to(torch.bfloat16)
-    if variant == 'channels_last':
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+    """tests/test_cuda.py's batches (float32, bfloat16, uint8, channels_last), ``N`` images here."""
+    return cuda_make_input(variant, n, seed)
 
 
 def make_target(kind: str, n: int = N, seed: int = 1) -> Tensor:
@@ -66,16 +61,6 @@ def reference_mix(x: Tensor, params: F.PerSampleParams) -> Tensor:
         elif w > 0:
             out[i, :, y0:y1, x0:x1] = reference_blend(x[i, :, y0:y1, x0:x1], x[j, :, y0:y1, x0:x1], w)
     return out
-
-
-def assert_same(expected: Tensor, actual: Tensor, device: str, what: str) -> None:
-    """``actual`` lives on ``device`` and equals the CPU tensor ``expected`` bit for bit, in dtype, shape and layout."""
-    assert actual.device.type == device, f'{what}: on {actual.device}, expected {device}'
-    host = actual.cpu()
-    assert host.dtype == expected.dtype, f'{what}: dtype {host.dtype}, expected {expected.dtype}'
-    assert host.shape == expected.shape, f'{what}: shape {tuple(host.shape)}, expected {tuple(expected.shape)}'
-    assert host.stride() == expected.stride(), f'{what}: strides {host.stride()}, expected {expected.stride()}'
-    assert torch.equal(host, expected), f'{what}: values differ from the CPU result'
 
 
 def mixing_batch(per_sample: bool, stream: str = 'local') -> int:
