@@ -22,6 +22,7 @@ from dist_cutmix import functional as F
 from dist_cutmix._random import batch_generator
 from tests import compat_models as compat
 from tests.spawn import run_ranks
+from tests.test_draws import _read_draw
 from tests.trainer_utils import run_trainer, sample_ids
 
 H, W = 10, 15  # unequal sides: an axis mixed up shows
@@ -95,24 +96,6 @@ def test_both_samplers_cut_each_pixel_as_often_as_the_documented_rule(alpha, uni
 
 
 # ----------------------------------------------------------------------------- local mode on several nodes
-
-
-def _read_draw(mixed: torch.Tensor, ids: torch.Tensor) -> tuple[tuple, tuple]:
-    """Each sample's box (where channel 0 no longer holds its id) and its partner's position in the batch (the
-    id found there), read off the pixels; ``(0, 0, 0, 0)`` and ``-1`` for a sample left unmixed."""
-    position = {int(i): p for p, i in enumerate(ids.tolist())}
-    boxes, partners = [], []
-    for i in range(len(ids)):
-        changed = mixed[i, 0] != ids[i].float()
-        if not changed.any():
-            boxes.append((0, 0, 0, 0))
-            partners.append(-1)
-            continue
-        ys, xs = changed.nonzero(as_tuple=True)
-        box = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
-        boxes.append(box)
-        partners.append(position.get(int(mixed[i, 0, box[0], box[2]].round()), -2))
-    return tuple(boxes), tuple(partners)
 
 
 def _local_on_rank(rank, world, batch_size):
