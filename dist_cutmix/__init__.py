@@ -20,8 +20,10 @@ from dist_cutmix.functional import (
     mixup_batch,
     sample_params,
 )
+from dist_cutmix.loop import Mixer
 from dist_cutmix.metrics import SoftTargetAccuracy, SoftTargetWrapper, prepare_train_metrics, soft_target_accuracy
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
+from dist_cutmix.randomness import batch_generator
 from dist_cutmix.spec import MixSpec, sample_mix
 
 if TYPE_CHECKING:
@@ -45,10 +47,12 @@ __all__ = [
     'CutMixParams',
     'MixResult',
     'MixSpec',
+    'Mixer',
     'SoftTargetAccuracy',
     'SoftTargetWrapper',
     'apply_cutmix',
     'apply_mix',
+    'batch_generator',
     'cutmix_batch',
     'mix_batch_across_group',
     'mix_batch_local',

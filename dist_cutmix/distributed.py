@@ -25,6 +25,7 @@ __all__ = [
     'BatchMismatchError',
     'ExchangePlan',
     'agree_on_batch',
+    'agree_on_seed',
     'exchange_ragged',
     'exchange_rows',
     'group_rank_and_size',
@@ -136,6 +137,16 @@ def agree_on_batch(signature: str, size: int, problem: Optional[str], group: Pro
             raise BatchMismatchError(f'CutMix cannot mix this batch; bad input on some rank:\n{lines}')
         raise BatchMismatchError(f'CutMix ranks disagree on the batch layout; all must match:\n{lines}')
     return [r[0] for r in rows]
+
+
+def agree_on_seed(seed: int, group: ProcessGroup) -> int:
+    """``seed`` of the group's first rank, on every rank of ``group``: one broadcast; ``seed`` itself without one."""
+    rank, world = group_rank_and_size(group)
+    if world == 1:
+        return seed
+    value = _to_device(torch.tensor([seed], dtype=torch.int64, device='cpu'), _comm_device(group))
+    dist.broadcast(value, src=min(dist.get_process_group_ranks(group or dist.group.WORLD)), group=group)
+    return int(value.item())
 
 
 @dataclass(frozen=True)

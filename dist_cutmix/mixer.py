@@ -1,4 +1,4 @@
-"""Mix one batch, locally or across a process group: ``_random`` -> ``functional`` -> ``distributed``.
+"""Mix one batch, locally or across a process group: ``randomness`` -> ``functional`` -> ``distributed``.
 
 This is the logic behind the ``CutMix`` algorithm, callable without Composer.
 """
@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from dist_cutmix import functional as F
-from dist_cutmix._random import batch_generator
 from dist_cutmix.distributed import (
     BatchMismatchError,
     ExchangePlan,
@@ -23,6 +22,7 @@ from dist_cutmix.distributed import (
     group_rank_and_size,
     group_stream_key,
 )
+from dist_cutmix.randomness import batch_generator
 from dist_cutmix.spec import MixSpec, sample_mix
 
 __all__ = ['MixResult', 'mix_batch_across_group', 'mix_batch_local']
@@ -174,9 +174,9 @@ def _mix_targets(target: Tensor, partner: Tensor, params: F.CutMixParams | F.Per
                          smoothing=spec.label_smoothing, weight=params.weight)
 
 
-def _signature(input: Tensor, target: Tensor, kind: str, num_classes: Optional[int]) -> str:
+def _signature(input: Tensor, target: Tensor, kind: str, num_classes: Optional[int], batch: int) -> str:
     return (
-        f'input (N, {", ".join(map(str, input.shape[1:]))}) {input.dtype}; '
+        f'batch {batch}: input (N, {", ".join(map(str, input.shape[1:]))}) {input.dtype}; '
         f'{kind} target (N, {", ".join(map(str, target.shape[1:]))}) {target.dtype}; '
         f'num_classes={num_classes}'
     )
@@ -223,7 +223,7 @@ def mix_batch_across_group(
             raise problem
         sizes = [input.shape[0]]
     else:
-        signature = 'invalid' if problem else _signature(input, target, kind, num_classes)
+        signature = 'invalid' if problem else _signature(input, target, kind, num_classes, batch)
         size = input.shape[0] if problem is None else 0
         try:
             sizes = agree_on_batch(signature, size, None if problem is None else f'{type(problem).__name__}: {problem}',

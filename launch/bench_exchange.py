@@ -74,9 +74,9 @@ def _allgather_mix_per_sample(x: torch.Tensor, y: torch.Tensor, buf: torch.Tenso
 def _per_sample_rank(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: torch.Tensor, rank: int, world: int,
                      iters: int, warmup: int, seed: int, handshake: int) -> dict[str, Any]:
     """Per-sample global mixing against batch mode at the same mean λ, on this rank."""
-    from dist_cutmix._random import batch_generator
     from dist_cutmix.distributed import group_stream_key
     from dist_cutmix.mixer import mix_batch_across_group
+    from dist_cutmix.randomness import batch_generator
 
     b, c, h, w = x.shape
     key = group_stream_key(None)
@@ -127,9 +127,9 @@ def _exchange_calls(x: torch.Tensor, y: torch.Tensor, world: int,
                     seed: int) -> tuple[Callable[[int], F.CutMixParams], Callable[[int], tuple[Any, int]]]:
     """``params_of(batch)``, what :func:`mix_batch_across_group` draws for a batch index, and ``ours(batch)``,
     which mixes ``x`` and ``y`` globally in place and returns the result and its ``bytes_sent``."""
-    from dist_cutmix._random import batch_generator
     from dist_cutmix.distributed import group_stream_key
     from dist_cutmix.mixer import mix_batch_across_group
+    from dist_cutmix.randomness import batch_generator
 
     b, _, h, w = x.shape
 
@@ -355,9 +355,9 @@ def mixup_exchange_rank(rank: int, world: int, shapes: Sequence[Shape], iters: i
                         seed: int) -> list[dict[str, Any]]:
     """This rank's side of the MixUp exchange rows: per shape and mode, per-step seconds and bytes of ours,
     all-gather and a bare ``all_to_all_single`` of our byte counts, and the bytes that must cross."""
-    from dist_cutmix._random import batch_generator
     from dist_cutmix.distributed import group_stream_key
     from dist_cutmix.mixer import mix_batch_across_group
+    from dist_cutmix.randomness import batch_generator
     from dist_cutmix.spec import sample_mix
 
     key = group_stream_key(None)

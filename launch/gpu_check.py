@@ -50,7 +50,7 @@ __all__ = ['CUDA_TEST_GLOB', 'build_parser', 'main', 'time_train_steps']
 
 CUDA_TEST_GLOB = 'tests/test_cuda*.py'
 NO_CUDA = 'needs CUDA'
-CORE_MODULES = ('dist_cutmix.functional', 'dist_cutmix._random', 'dist_cutmix.distributed', 'dist_cutmix.mixer',
+CORE_MODULES = ('dist_cutmix.functional', 'dist_cutmix.randomness', 'dist_cutmix.distributed', 'dist_cutmix.mixer',
                 'dist_cutmix.metrics', 'launch.bench_common', 'launch.bench_op', 'tests.test_cuda')
 STEP_VARIANTS = ('no mixing', 'ours', 'ours per-sample', 'timm Mixup', 'torchvision CutMix')
 NUM_CLASSES = 10

@@ -35,8 +35,8 @@ from torch import Tensor
 if __package__ in (None, ''):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_cutmix._random import batch_generator  # noqa: E402
 from dist_cutmix.functional import CutMixParams, sample_params  # noqa: E402
+from dist_cutmix.randomness import batch_generator  # noqa: E402
 
 __all__ = ['build_parser', 'main', 'markdown', 'rank_stats', 'scaling_rows', 'send_count_matrix', 'send_ranks']
 

@@ -14,7 +14,7 @@ from composer.utils import dist
 
 from dist_cutmix import CutMix
 from dist_cutmix import functional as F
-from dist_cutmix._random import batch_generator
+from dist_cutmix.randomness import batch_generator
 from tests.spawn import run_ranks
 from tests.trainer_utils import NUM_CLASSES, find_box, make_dataset, partner_ids, run_trainer, sample_ids
 

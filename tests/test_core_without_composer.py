@@ -34,8 +34,8 @@ CORE = '''
 import torch
 import dist_cutmix
 from dist_cutmix import *  # noqa: F403 - what a user may write
-from dist_cutmix import _random, distributed, functional, locate, metrics, mixer
-from dist_cutmix._random import default_seed
+from dist_cutmix import randomness, distributed, functional, locate, metrics, mixer
+from dist_cutmix.randomness import default_seed
 
 x, y = torch.rand(6, 3, 8, 8), torch.arange(6) % 4
 local = dist_cutmix.mix_batch_local(x, y, seed=3, batch=0, num_classes=4)

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dist_cutmix import functional as F
-from dist_cutmix._random import batch_generator
 from dist_cutmix.distributed import node_group
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
+from dist_cutmix.randomness import batch_generator
 from tests.spawn import run_nccl_ranks
 
 SEED, N, C, H, W, K = 1234, 6, 3, 9, 7, 5  # 9x7 images: a non-dyadic pixel share

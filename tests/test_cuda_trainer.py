@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from dist_cutmix import CutMix  # noqa: E402
 from dist_cutmix import functional as F  # noqa: E402
-from dist_cutmix._random import batch_generator  # noqa: E402
+from dist_cutmix.randomness import batch_generator  # noqa: E402
 from tests.spawn import run_nccl_ranks  # noqa: E402
 from tests.test_cuda import SEED, C, H, W, needs_cuda  # noqa: E402
 

@@ -14,8 +14,8 @@ pytest.importorskip('composer', reason='needs the composer extra')
 
 from dist_cutmix import CutMix
 from dist_cutmix import functional as F
-from dist_cutmix._random import batch_generator
 from dist_cutmix.mixer import mix_batch_across_group, mix_batch_local
+from dist_cutmix.randomness import batch_generator
 from tests.trainer_utils import H as TRAINER_H
 from tests.trainer_utils import W as TRAINER_W
 from tests.trainer_utils import run_trainer, sample_ids

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dist_cutmix import functional as F
-from dist_cutmix._random import batch_generator
 from dist_cutmix.functional import cutmix_batch
+from dist_cutmix.randomness import batch_generator
 
 
 def _reference(x: torch.Tensor, indices: torch.Tensor, box: F.Box) -> torch.Tensor:

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 
 from dist_cutmix import functional as F
-from dist_cutmix._random import batch_generator
 from dist_cutmix.distributed import BatchMismatchError, ExchangePlan
 from dist_cutmix.mixer import mix_batch_across_group
+from dist_cutmix.randomness import batch_generator
 from tests.spawn import RankError, run_ranks
 
 SEED, BATCH, C, H, W, K = 1234, 7, 3, 12, 10, 5

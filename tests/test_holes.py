@@ -19,7 +19,7 @@ pytest.importorskip('composer', reason='needs the composer extra')
 
 from dist_cutmix import CutMix
 from dist_cutmix import functional as F
-from dist_cutmix._random import batch_generator
+from dist_cutmix.randomness import batch_generator
 from tests import compat_models as compat
 from tests.spawn import run_ranks
 from tests.test_draws import _read_draw

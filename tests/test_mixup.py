@@ -17,8 +17,8 @@ import torch
 
 from dist_cutmix import functional as F
 from dist_cutmix import mixup_batch
-from dist_cutmix._random import batch_generator
 from dist_cutmix.mixer import mix_batch_local
+from dist_cutmix.randomness import batch_generator
 from dist_cutmix.spec import MixSpec, sample_mix
 from tests.mix_reference import Draw, area, as_draw, mix_labels, mix_pixels
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dist_cutmix import functional as F
-from dist_cutmix._random import batch_generator
 from dist_cutmix.mixer import mix_batch_across_group, mix_batch_local
+from dist_cutmix.randomness import batch_generator
 from tests.spawn import run_ranks
 
 K = 5

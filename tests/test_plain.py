@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as TF
 
 from dist_cutmix import functional as F
-from dist_cutmix._random import batch_generator
 from dist_cutmix.mixer import mix_batch_across_group
+from dist_cutmix.randomness import batch_generator
 from launch import train_plain
 from tests.spawn import run_ranks
 

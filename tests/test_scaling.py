@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_cutmix._random import batch_generator
 from dist_cutmix.distributed import ExchangePlan
 from dist_cutmix.functional import sample_params, sample_partners
+from dist_cutmix.randomness import batch_generator
 from launch import scaling
 
 
