@@ -11,20 +11,20 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from dist_cutmix.functional import (
-    CutMixParams,
-    apply_cutmix,
-    apply_mix,
-    cutmix_batch,
-    mix_targets,
-    mixup_batch,
-    sample_params,
-)
+from dist_cutmix.distributed import BatchMismatchError
+from dist_cutmix.draw import MixParams, PerSampleMixParams, sample_mix
+from dist_cutmix.functional import cutmix_batch, mixup_batch, sample_params
 from dist_cutmix.loop import Mixer
 from dist_cutmix.metrics import SoftTargetAccuracy, SoftTargetWrapper, prepare_train_metrics, soft_target_accuracy
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
+from dist_cutmix.pixels import apply_mix
 from dist_cutmix.randomness import batch_generator
-from dist_cutmix.spec import MixSpec, sample_mix
+from dist_cutmix.spec import MixSpec
+from dist_cutmix.targets import mix_targets
+
+# Former names, kept as aliases (CHANGELOG, 0.1.0): a mix's parameters are not CutMix's only.
+CutMixParams = MixParams
+apply_cutmix = apply_mix
 
 if TYPE_CHECKING:
     from dist_cutmix.algorithm import CutMix as CutMix
@@ -44,10 +44,13 @@ _COMPOSER_NAMES = {
 _COMPOSER_EXTRA = "pip install 'dist_cutmix[composer]'"
 
 __all__ = [
+    'BatchMismatchError',
     'CutMixParams',
+    'MixParams',
     'MixResult',
     'MixSpec',
     'Mixer',
+    'PerSampleMixParams',
     'SoftTargetAccuracy',
     'SoftTargetWrapper',
     'apply_cutmix',

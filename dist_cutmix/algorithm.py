@@ -15,18 +15,18 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
-from dist_cutmix import functional as F
 from dist_cutmix.distributed import ProcessGroup, node_group
 from dist_cutmix.locate import RowLookupError, locate_rows
 from dist_cutmix.metrics import prepare_train_metrics
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.spec import MixSpec
+from dist_cutmix.targets import mix_targets
+from dist_cutmix.validation import check_input, check_num_classes, check_pool, check_seed, check_target
 
 __all__ = ['CutMix', 'MixUp', 'MixUpCutMix', 'MixingAlgorithm']
 
 log = logging.getLogger(__name__)
 
-MODES = ('local', 'global', 'node')
 
 
 @dataclass
@@ -72,15 +72,9 @@ class MixingAlgorithm(Algorithm):
         name = type(self).__name__
         if not isinstance(spec, MixSpec):
             raise TypeError(f'spec must be a dist_cutmix.MixSpec, got {type(spec).__name__}')
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
-        if process_group is not None and mode != 'global':
-            raise ValueError(f"process_group is only used with mode='global', got mode={mode!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f'seed must be an int or None, got seed={seed!r}')
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f'num_classes must be a positive int or None, got num_classes={num_classes!r}')
+        check_pool(mode, process_group, 'process_group')
+        check_seed(seed)
+        check_num_classes(num_classes)
         if inplace not in (None, True, False):
             raise TypeError(f'inplace must be None, True or False, got inplace={inplace!r}')
         if per_sample and interpolate_loss:
@@ -159,63 +153,73 @@ class MixingAlgorithm(Algorithm):
         return next((c for c in candidates if isinstance(c, int) and not isinstance(c, bool) and c > 0), None)
 
     def _mix(self, state: State, logger: Logger) -> None:
+        """Mix the batch once, on its device, and put it back: the metrics and every microbatch see the result."""
         run = self._run
         before = state.batch_get_item(key=self.input_key)
         state.batch = state.device.batch_to_device(state.batch)
-        input = state.batch_get_item(key=self.input_key)
-        target = state.batch_get_item(key=self.target_key)
+        input, target = state.batch_get_item(key=self.input_key), state.batch_get_item(key=self.target_key)
         kind = _kind_or_none(input, target)
-        if not run.metrics_checked:
-            run.metrics_checked = True
-            if not self.interpolate_loss and kind not in (None, 'dense'):
-                # Raises, naming the fix, for a stock metric that would misread mixed targets.
-                prepare_train_metrics(state.train_metrics, wrap=self.wrap_train_metrics, kind=kind,
-                                      algorithm=type(self).__name__)
+        self._check_train_metrics_once(state, kind)
         num_classes = self._class_count(state) if kind == 'index' else self.num_classes
         # Dense targets are pasted either way: interpolating a per-pixel loss by area would be wrong.
         mix_target = not self.interpolate_loss or kind == 'dense'
         run.soft_targets_at_loss = mix_target and kind == 'index' and num_classes is None
-        name = type(self).__name__
+        self._warn_once(input, kind)
+        run.stopped = self._stopped(state)
+        if run.stopped and not self.spec.label_smoothing:  # nothing to mix and nothing to smooth
+            run.last, run.soft_targets_at_loss = None, False
+            logger.log_metrics({f'{self._log_prefix}/lambda': 1.0})
+            return
+        result = self._mix_batch(input, target, seed=self.seed if self.seed is not None else state.rank_zero_seed,
+                                 batch=int(state.timestamp.batch), num_classes=num_classes,
+                                 mix_target=mix_target and not run.soft_targets_at_loss,
+                                 inplace=self.inplace if self.inplace is not None else _is_fresh_copy(before, input))
+        state.batch_set_item(key=self.input_key, value=result.input)
+        state.batch_set_item(key=self.target_key, value=result.target)
+        run.last = result
+        self._log(logger, result)
+
+    def _mix_batch(self, input: Any, target: Any, **kwargs: Any) -> MixResult:
+        """The mixer call: across the group, or locally (always after ``stop_at``, where nothing crosses ranks)."""
+        stopped = self._run.stopped
+        spec = replace(self.spec, prob=0.0) if stopped else self.spec  # after stop_at: smoothing only
+        common = dict(spec=spec, exclude_self=self.exclude_self, per_sample=self.per_sample, **kwargs)
+        if self.mode == 'local' or stopped:
+            return mix_batch_local(input, target, rank=dist.get_global_rank(), **common)
+        return mix_batch_across_group(input, target, group=self._run.group, caller=type(self).__name__, **common)
+
+    def _check_train_metrics_once(self, state: State, kind: Optional[str]) -> None:
+        """Raise, naming the fix, for a stock metric that would misread the mixed targets (first batch only)."""
+        if self._run.metrics_checked:
+            return
+        self._run.metrics_checked = True
+        if not self.interpolate_loss and kind not in (None, 'dense'):
+            prepare_train_metrics(state.train_metrics, wrap=self.wrap_train_metrics, kind=kind,
+                                  algorithm=type(self).__name__)
+
+    def _warn_once(self, input: Any, kind: Optional[str]) -> None:
+        """Say once what this configuration cannot do: a local batch of one, an interpolated dense loss."""
+        run, name = self._run, type(self).__name__
         if self.interpolate_loss and kind == 'dense' and not run.warned_dense_interpolation:
             run.warned_dense_interpolation = True
             warnings.warn(
                 f'{name}(interpolate_loss=True) with dense targets: the partner region is pasted into the target map '
                 f'(MixUp: blended with it), which is exact per pixel, and the loss is not interpolated.', UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        stopped = run.stopped = self._stopped(state)
-        spec = replace(self.spec, prob=0.0) if stopped else self.spec  # after stop_at: smoothing only
-        kwargs = dict(
-            seed=self.seed if self.seed is not None else state.rank_zero_seed,
-            batch=int(state.timestamp.batch),
-            spec=spec, exclude_self=self.exclude_self,
-            num_classes=num_classes, mix_target=mix_target and not run.soft_targets_at_loss,
-            inplace=self.inplace if self.inplace is not None else _is_fresh_copy(before, input),
-            per_sample=self.per_sample,
-        )
+        if (self.mode == 'local' and isinstance(input, torch.Tensor) and input.ndim == 4 and input.shape[0] == 1
+                and not run.warned_single):
+            run.warned_single = True
+            warnings.warn(
+                f"{name}(mode='local') got a per-rank batch of 1 sample, which cannot be mixed locally; "
+                "mode='global' mixes across ranks and fixes it.", UserWarning, stacklevel=3,
+            )
+
+    def _log(self, logger: Logger, result: MixResult) -> None:
         prefix = self._log_prefix
-        if stopped and not spec.label_smoothing:
-            run.last = None  # nothing to mix and nothing to smooth: the batch stays as it is
-            run.soft_targets_at_loss = False
-            logger.log_metrics({f'{prefix}/lambda': 1.0})
-            return
-        if self.mode == 'local' or stopped:  # after stop_at nothing crosses ranks: no collective
-            if (self.mode == 'local' and isinstance(input, torch.Tensor) and input.ndim == 4 and input.shape[0] == 1
-                    and not run.warned_single):
-                run.warned_single = True
-                warnings.warn(
-                    f"{name}(mode='local') got a per-rank batch of 1 sample, which cannot be mixed locally; "
-                    "mode='global' mixes across ranks and fixes it.", UserWarning, stacklevel=2,
-                )
-            result = mix_batch_local(input, target, rank=dist.get_global_rank(), **kwargs)
-        else:
-            result = mix_batch_across_group(input, target, group=run.group, **kwargs)
-        state.batch_set_item(key=self.input_key, value=result.input)
-        state.batch_set_item(key=self.target_key, value=result.target)
-        run.last = result
         metrics = {f'{prefix}/lambda': result.mean_label_lam}
         if self.mode != 'local':
-            metrics[f'{prefix}/cross_rank_fraction'] = 0.0 if stopped else result.cross_rank_fraction
+            metrics[f'{prefix}/cross_rank_fraction'] = 0.0 if self._run.stopped else result.cross_rank_fraction
         logger.log_metrics(metrics)
 
     def _stopped(self, state: State) -> bool:
@@ -281,7 +285,7 @@ class MixingAlgorithm(Algorithm):
             )
         rows, partner = self._partner_targets(state, 'building soft targets from the outputs')
         lam = last.lam[rows.cpu()] if isinstance(last.lam, torch.Tensor) else last.lam  # type: ignore[union-attr]
-        soft = F.mix_targets(target, partner, lam, (0, 0, 0, 0), kind='index', num_classes=outputs.shape[1],
+        soft = mix_targets(target, partner, lam, (0, 0, 0, 0), kind='index', num_classes=outputs.shape[1],
                              smoothing=self.spec.label_smoothing if last is not None else 0.0)
         state.batch_set_item(key=self.target_key, value=soft)
 
@@ -386,9 +390,9 @@ class CutMix(MixingAlgorithm):
         per_sample: bool = False,
         stop_at: Union[str, Time, None] = None,
     ) -> None:
-        self.alpha = F.validate_alpha(alpha)
-        self.uniform_sampling = uniform_sampling
-        super().__init__(MixSpec.cutmix(alpha, uniform_sampling), interpolate_loss, input_key, target_key,
+        spec = MixSpec.cutmix(alpha, uniform_sampling)
+        self.alpha, self.uniform_sampling = spec.cutmix_alpha, uniform_sampling
+        super().__init__(spec, interpolate_loss, input_key, target_key,
                          mode=mode, seed=seed, exclude_self=exclude_self, num_classes=num_classes,
                          process_group=process_group, wrap_train_metrics=wrap_train_metrics, inplace=inplace,
                          per_sample=per_sample, stop_at=stop_at)
@@ -439,8 +443,9 @@ class MixUp(MixingAlgorithm):
         per_sample: bool = False,
         stop_at: Union[str, Time, None] = None,
     ) -> None:
-        self.alpha = F.validate_alpha(alpha)
-        super().__init__(MixSpec.mixup(alpha), interpolate_loss, input_key, target_key,
+        spec = MixSpec.mixup(alpha)
+        self.alpha = spec.mixup_alpha
+        super().__init__(spec, interpolate_loss, input_key, target_key,
                          mode=mode, seed=seed, exclude_self=exclude_self, num_classes=num_classes,
                          process_group=process_group, wrap_train_metrics=wrap_train_metrics, inplace=inplace,
                          per_sample=per_sample, stop_at=stop_at)
@@ -529,7 +534,7 @@ _STOP_UNITS = (TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.DURATIO
 def _kind_or_none(input: object, target: object) -> Optional[str]:
     """The target kind, or ``None`` for a malformed batch (the mixer then raises the full error)."""
     try:
-        return F.validate_target(target, F.validate_input(input))
+        return check_target(target, check_input(input))
     except (TypeError, ValueError):
         return None
 

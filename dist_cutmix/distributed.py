@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dist_cutmix.functional import _to_device
+from dist_cutmix._tensors import to_device
 
 __all__ = [
     'BatchMismatchError',
@@ -101,10 +101,11 @@ def _wire(t: Tensor, group: ProcessGroup) -> Tensor:
     """``t`` where the backend can send it: NCCL carries CUDA tensors only, so a host tensor (a CPU target beside a
     CUDA input) crosses on the current GPU, and comes back to the host after (a host sync, in that case only)."""
     comm = _comm_device(group)
-    return _to_device(t, comm) if comm.type == 'cuda' and t.device.type != 'cuda' else t
+    return to_device(t, comm) if comm.type == 'cuda' and t.device.type != 'cuda' else t
 
 
-def agree_on_batch(signature: str, size: int, problem: Optional[str], group: ProcessGroup) -> list[int]:
+def agree_on_batch(signature: str, size: int, problem: Optional[str], group: ProcessGroup,
+                   caller: str = 'mix_batch_across_group') -> list[int]:
     """Check that all ranks of ``group`` can mix together; return every rank's batch size.
 
     Args:
@@ -113,6 +114,7 @@ def agree_on_batch(signature: str, size: int, problem: Optional[str], group: Pro
         size: this rank's batch size.
         problem: this rank's own input error, or ``None``.
         group: the process group.
+        caller: what the user called, named in the error.
 
     Returns:
         The batch sizes of all ranks, in group-rank order.
@@ -123,7 +125,7 @@ def agree_on_batch(signature: str, size: int, problem: Optional[str], group: Pro
             texts gathered, so every rank can name every rank's view.
     """
     digest = int.from_bytes(hashlib.blake2b(signature.encode(), digest_size=7).digest(), 'little')
-    mine = _to_device(torch.tensor([size, digest, int(problem is not None)], dtype=torch.int64, device='cpu'),
+    mine = to_device(torch.tensor([size, digest, int(problem is not None)], dtype=torch.int64, device='cpu'),
                       _comm_device(group))
     _, world = group_rank_and_size(group)
     table = [torch.empty_like(mine) for _ in range(world)]
@@ -134,8 +136,9 @@ def agree_on_batch(signature: str, size: int, problem: Optional[str], group: Pro
         dist.all_gather_object(texts, problem or signature, group=group)
         lines = '\n'.join(f'  rank {r}: {t}' for r, t in enumerate(texts))
         if any(r[2] for r in rows):
-            raise BatchMismatchError(f'CutMix cannot mix this batch; bad input on some rank:\n{lines}')
-        raise BatchMismatchError(f'CutMix ranks disagree on the batch layout; all must match:\n{lines}')
+            raise BatchMismatchError(f'{caller} cannot mix this batch; bad input on some rank:\n{lines}')
+        raise BatchMismatchError(f'{caller}: the ranks disagree on the batch (its index and layout must match on '
+                                 f'every rank):\n{lines}')
     return [r[0] for r in rows]
 
 
@@ -144,14 +147,14 @@ def agree_on_seed(seed: int, group: ProcessGroup) -> int:
     rank, world = group_rank_and_size(group)
     if world == 1:
         return seed
-    value = _to_device(torch.tensor([seed], dtype=torch.int64, device='cpu'), _comm_device(group))
+    value = to_device(torch.tensor([seed], dtype=torch.int64, device='cpu'), _comm_device(group))
     dist.broadcast(value, src=min(dist.get_process_group_ranks(group or dist.group.WORLD)), group=group)
     return int(value.item())
 
 
 @dataclass(frozen=True)
 class ExchangePlan:
-    """Who sends which rows where, for one global permutation; the same arithmetic on every rank.
+    """Who owns, sends and receives which rows, for one global permutation; the same arithmetic on every rank.
 
     Attributes:
         send_order: local indices of this rank's samples, in the order they are sent.
@@ -164,6 +167,9 @@ class ExchangePlan:
         recv_counts: rows received from each rank.
         partners: global index of each local sample's partner (``perm`` restricted to this rank).
         offset: global index of this rank's first sample.
+        partner_rank: group rank holding each local sample's partner.
+        partner_index: each local sample's partner's index in that rank's batch.
+        cross_rank_fraction: share of the whole group's batch whose partner is on another rank.
     """
 
     send_order: Tensor
@@ -174,13 +180,18 @@ class ExchangePlan:
     recv_counts: list[int]
     partners: Tensor
     offset: int
+    partner_rank: Tensor
+    partner_index: Tensor
+    cross_rank_fraction: float
 
     @classmethod
     def build(cls, perm: Tensor, sizes: Sequence[int], rank: int) -> 'ExchangePlan':
         """Plan the exchange for global permutation ``perm`` over ranks of batch ``sizes``."""
         world = len(sizes)
-        bounds = torch.tensor(list(sizes), device='cpu').cumsum(0)  # exclusive end of each rank's range
-        offset = int(bounds[rank - 1]) if rank else 0
+        counts = torch.tensor(list(sizes), device='cpu')
+        bounds = counts.cumsum(0)  # exclusive end of each rank's range
+        starts = bounds - counts
+        offset = int(starts[rank])
         mine = torch.arange(offset, offset + sizes[rank], device='cpu')
 
         def owner(g: Tensor) -> Tensor:
@@ -197,6 +208,8 @@ class ExchangePlan:
         inv[perm] = torch.arange(len(perm), device='cpu')
         dst = inv[mine]
         send_order = torch.argsort(dst)
+        total = len(perm)
+        cross = float((owner(perm) != owner(torch.arange(total, device='cpu'))).double().mean()) if total else 0.0
         return cls(
             send_order=send_order,
             send_dest=dst[send_order],
@@ -206,11 +219,28 @@ class ExchangePlan:
             recv_counts=torch.bincount(src, minlength=world).tolist(),
             partners=partners,
             offset=offset,
+            partner_rank=src,
+            partner_index=partners - starts[src],
+            cross_rank_fraction=cross,
         )
 
     def cross_rank_rows_sent(self, rank: int) -> int:
         """Rows this rank sends to other ranks (its own rows never leave it)."""
         return sum(self.send_counts) - self.send_counts[rank]
+
+    def sent_per_rank(self, row_sizes: Tensor) -> list[int]:
+        """The total of ``row_sizes`` (one per sent row, in send order) that goes to each rank."""
+        return _per_rank(row_sizes, self.send_counts)
+
+    def received_per_rank(self, row_sizes: Tensor) -> list[int]:
+        """The total of ``row_sizes`` (one per arriving row, in arrival order) that comes from each rank."""
+        return _per_rank(row_sizes, self.recv_counts)
+
+
+def _per_rank(row_sizes: Tensor, counts: list[int]) -> list[int]:
+    """Sum ``row_sizes`` over consecutive runs of ``counts`` rows (rows are grouped by rank, ascending)."""
+    ranks = torch.repeat_interleave(torch.arange(len(counts), device='cpu'), torch.tensor(counts, device='cpu'))
+    return torch.bincount(ranks, weights=row_sizes.double(), minlength=len(counts)).long().tolist()
 
 
 def exchange_rows(rows: Sequence[Tensor], plan: ExchangePlan, group: ProcessGroup) -> list[Tensor]:
@@ -253,7 +283,7 @@ def _all_to_all(send: Tensor, plan: ExchangePlan, group: ProcessGroup) -> Tensor
 def _in_local_order(received: Tensor, plan: ExchangePlan) -> Tensor:
     # A row-wise gather (index_select), not ``out[arrival_order] = received``: advanced-index
     # assignment runs an element-wise kernel, many times slower on a byte buffer.
-    return received.index_select(0, _to_device(plan.recv_index, received.device))
+    return received.index_select(0, to_device(plan.recv_index, received.device))
 
 
 def exchange_ragged(

@@ -90,7 +90,7 @@ def _rows_by_content(part: Tensor, whole: Tensor, labels: Optional[Tensor]) -> T
     for i in range(part.shape[0]):
         candidates = [int(j) for j in (theirs == mine[i]).nonzero().flatten() if torch.equal(whole[j], part[i])]
         if not candidates:
-            raise RowLookupError(f'row {i} of the microbatch is no row of the batch CutMix mixed')
+            raise RowLookupError(f'row {i} of the microbatch is no row of the mixed batch')
         if labels is not None and any(not torch.equal(labels[j], labels[candidates[0]]) for j in candidates[1:]):
             raise RowLookupError(
                 f'row {i} of the microbatch equals rows {candidates} of the mixed batch, whose partners differ',

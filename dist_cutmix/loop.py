@@ -23,10 +23,10 @@ from dist_cutmix.distributed import ProcessGroup, agree_on_seed, group_rank_and_
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.randomness import default_seed
 from dist_cutmix.spec import MixSpec
+from dist_cutmix.validation import check_num_classes, check_pool, check_seed
 
-__all__ = ['MODES', 'Mixer']
+__all__ = ['Mixer']
 
-MODES = ('local', 'global', 'node')
 _STATE_VERSION = 1
 
 
@@ -99,15 +99,9 @@ class Mixer:
             if named:
                 raise ValueError(f'Mixer takes spec= or the mixing arguments, not both: got spec={spec!r} and '
                                  + ', '.join(f'{k}={v!r}' for k, v in named.items()))
-        if mode not in MODES:
-            raise ValueError(f'mode must be one of {MODES}, got mode={mode!r}')
-        if group is not None and mode != 'global':
-            raise ValueError(f"group is only used with mode='global', got mode={mode!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f'seed must be an int or None, got seed={seed!r}')
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f'num_classes must be a positive int or None, got num_classes={num_classes!r}')
+        check_pool(mode, group)
+        check_seed(seed)
+        check_num_classes(num_classes)
         self.spec = spec
         self.mode = mode
         self.seed = seed
@@ -137,7 +131,7 @@ class Mixer:
         if self.mode == 'local':
             result = mix_batch_local(input, target, rank=group_rank_and_size(None)[0], **kwargs)
         else:
-            result = mix_batch_across_group(input, target, group=self._mixing_group(), **kwargs)
+            result = mix_batch_across_group(input, target, group=self._mixing_group(), caller='Mixer', **kwargs)
         self.last = result
         self.batch += 1
         return result

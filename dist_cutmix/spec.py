@@ -1,35 +1,19 @@
-"""What to draw for one batch: CutMix, MixUp, or timm's switch between them, as one configuration.
+"""What may be drawn for a batch: CutMix, MixUp, or timm's switch between them, as one configuration.
 
 A sample's mix is a partner, a region and a weight: it keeps its own pixels outside the region and
 inside it becomes ``(1 - weight) * own + weight * partner``. CutMix is a box at weight 1, MixUp the
 whole image at weight ``1 - λ``, and an unmixed sample an empty region. :class:`MixSpec` says which
-of these a batch (or, per sample, each sample) may get and with what probability; :func:`sample_mix`
-draws them as :class:`~dist_cutmix.functional.CutMixParams` or
-:class:`~dist_cutmix.functional.PerSampleParams`, which every apply, exchange and target step takes.
-
-The draw is a pure function of the generator (and so of ``(seed, batch, stream)``): every rank of a
-group draws the whole global batch's mix identically, with no collective. A plain CutMix spec draws
-exactly what :func:`~dist_cutmix.functional.sample_params` (or its per-sample form) draws.
+of these a batch (or, per sample, each sample) may get and with what probability, and how the labels
+are smoothed; :func:`dist_cutmix.draw.sample_mix` draws from it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
-import numpy as np
-import torch
-from torch import Tensor
+from dist_cutmix.validation import check_alpha, check_probability
 
-from dist_cutmix import functional as F
-
-__all__ = ['MixSpec', 'sample_mix']
-
-
-def _probability(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
-        raise ValueError(f'{name} must be a number in [0, 1], got {name}={value!r}')
-    return float(value)
+__all__ = ['MixSpec']
 
 
 @dataclass(frozen=True)
@@ -43,10 +27,20 @@ class MixSpec:
         switch_prob: when both alphas are > 0, probability of CutMix rather than MixUp.
         cutmix_minmax: ``(lo, hi)``: box sides drawn uniformly in ``[int(lo * H), int(hi * H))`` (and
             the same for ``W``) as timm's ``rand_bbox_minmax``, instead of from λ; λ is then the box's.
-        uniform_sampling: CutMix box centres on the enlarged range (see :func:`~dist_cutmix.functional.sample_box`).
+        uniform_sampling: CutMix box centres on the enlarged range, so that every pixel is equally likely
+            to be cut (see :func:`dist_cutmix.draw.sample_boxes`).
         mixup_fold: MixUp's partner weight is ``min(z, 1 - z)``, ``z ~ Beta``, so the own label stays
             the main one (Composer's ``MixUp``); ``False`` takes ``1 - z`` as timm does.
         label_smoothing: ``ε``: soft targets become ``(1 - ε) * mixed + ε / C``.
+
+    Raises:
+        ValueError: naming the field and its value, for a value out of its range (``TypeError`` for an
+            alpha that is no number).
+
+    Example:
+        >>> spec = MixSpec(cutmix_alpha=1.0, mixup_alpha=0.8, label_smoothing=0.1)  # timm's recipe
+        >>> spec.mixes, MixSpec.mixup(0.2).mixup_fold
+        (True, True)
     """
 
     cutmix_alpha: float = 1.0
@@ -60,14 +54,9 @@ class MixSpec:
 
     def __post_init__(self) -> None:
         for name in ('cutmix_alpha', 'mixup_alpha'):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, F.validate_alpha(value))
-            except (TypeError, ValueError):
-                raise ValueError(f'{name} must be a finite number >= 0, got {name}={value!r}') from None
-        object.__setattr__(self, 'prob', _probability('prob', self.prob))
-        object.__setattr__(self, 'switch_prob', _probability('switch_prob', self.switch_prob))
-        object.__setattr__(self, 'label_smoothing', _probability('label_smoothing', self.label_smoothing))
+            object.__setattr__(self, name, check_alpha(getattr(self, name), name))
+        for name in ('prob', 'switch_prob', 'label_smoothing'):
+            object.__setattr__(self, name, check_probability(getattr(self, name), name))
         if self.label_smoothing == 1:
             raise ValueError('label_smoothing must be < 1 (1 would erase every label), got label_smoothing=1.0')
         if self.cutmix_minmax is not None:
@@ -82,120 +71,15 @@ class MixSpec:
 
     @classmethod
     def cutmix(cls, alpha: float = 1.0, uniform_sampling: bool = False) -> 'MixSpec':
-        """Composer's CutMix: always a box, λ ~ Beta(alpha, alpha)."""
-        return cls(cutmix_alpha=alpha, mixup_alpha=0.0, uniform_sampling=uniform_sampling)
+        """Composer's CutMix: always a box, λ ~ Beta(alpha, alpha); ``alpha=0`` mixes nothing."""
+        return cls(cutmix_alpha=check_alpha(alpha), mixup_alpha=0.0, uniform_sampling=uniform_sampling)
 
     @classmethod
     def mixup(cls, alpha: float = 0.2) -> 'MixSpec':
         """Composer's MixUp: always a blend, partner weight ``min(z, 1 - z)``, ``z ~ Beta(alpha, alpha)``."""
-        return cls(cutmix_alpha=0.0, mixup_alpha=alpha, mixup_fold=True)
-
-    @property
-    def is_plain_cutmix(self) -> bool:
-        """Every batch a CutMix box from λ: the draw of :func:`~dist_cutmix.functional.sample_params`."""
-        return (self.mixup_alpha == 0 and self.prob == 1 and self.cutmix_minmax is None)
+        return cls(cutmix_alpha=0.0, mixup_alpha=check_alpha(alpha), mixup_fold=True)
 
     @property
     def mixes(self) -> bool:
         """Whether any sample can be mixed at all."""
         return self.prob > 0 and (self.cutmix_alpha > 0 or self.mixup_alpha > 0)
-
-
-Params = Union[F.CutMixParams, F.PerSampleParams]
-
-
-def _beta(alpha: float, size: int, generator: torch.Generator) -> np.ndarray:
-    """``size`` draws from Beta(alpha, alpha) by numpy, seeded from the explicit torch generator."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device='cpu').item())
-    return np.random.default_rng(seed).beta(alpha, alpha, size=size)
-
-
-def _partner_weight(lam_mix: np.ndarray, fold: bool) -> np.ndarray:
-    """MixUp's partner weight from λ: ``1 - λ`` (timm) or ``min(λ, 1 - λ)`` (Composer), on the label grid."""
-    weight = np.minimum(lam_mix, 1.0 - lam_mix) if fold else 1.0 - lam_mix
-    scale = 1 << F.LABEL_LAMBDA_BITS
-    # the image blend and the label use this same dyadic weight: every one-hot row sums to exactly 1
-    return np.round(weight * scale) / scale
-
-
-def _minmax_boxes(n: int, height: int, width: int, minmax: tuple[float, float],
-                  generator: torch.Generator) -> Tensor:
-    """timm's ``rand_bbox_minmax``: sides uniform in ``[int(lo * side), int(hi * side))``, corner uniform inside."""
-    u = torch.rand(4, n, dtype=torch.float64, generator=generator, device='cpu')
-    sides = []
-    for k, size in enumerate((height, width)):
-        lo, hi = int(size * minmax[0]), int(size * minmax[1])
-        fixed = torch.full((n,), lo, dtype=torch.long, device='cpu')
-        sides.append(lo + (u[k] * (hi - lo)).long() if hi > lo else fixed)
-    cut_h, cut_w = sides
-    y0 = (u[2] * (height - cut_h + 1)).long()  # timm: randint(0, H - cut_h + 1), the far edge included
-    x0 = (u[3] * (width - cut_w + 1)).long()
-    return torch.stack([y0, y0 + cut_h, x0, x0 + cut_w], dim=1)
-
-
-def _cutmix_boxes(nominal: Tensor, height: int, width: int, spec: MixSpec, generator: torch.Generator) -> Tensor:
-    """A box per λ in ``nominal`` (or per min/max draw), as CutMix draws them."""
-    n = nominal.shape[0]
-    if spec.cutmix_minmax is not None:
-        return _minmax_boxes(n, height, width, spec.cutmix_minmax, generator)
-    return F.boxes_for_lambda(nominal, height, width, uniform_sampling=spec.uniform_sampling, generator=generator)
-
-
-def sample_mix(
-    spec: MixSpec,
-    n: int,
-    height: int,
-    width: int,
-    *,
-    per_sample: bool = False,
-    exclude_self: bool = True,
-    generator: torch.Generator,
-) -> Params:
-    """Draw one batch's mix: partners, and per batch (or per sample) the method, region and weight.
-
-    Args:
-        spec: what may be drawn.
-        n: batch size (the global batch size when mixing across ranks).
-        height: image height ``H``.
-        width: image width ``W``.
-        per_sample: one draw per sample (timm's ``mode='elem'``) instead of one per batch.
-        exclude_self: never pair a sample with itself when ``n > 1``.
-        generator: the only source of randomness.
-
-    Returns:
-        :class:`~dist_cutmix.functional.CutMixParams` (one region and weight for the batch) or
-        :class:`~dist_cutmix.functional.PerSampleParams` (one per sample). ``lam`` is each sample's
-        kept share, ``1 - weight * area / (H * W)``: for MixUp on the ``2**-10`` label grid.
-    """
-    if spec.is_plain_cutmix:  # Composer's CutMix: keep exactly its established draw
-        draw = F.sample_params_per_sample if per_sample else F.sample_params
-        return draw(n, height, width, alpha=spec.cutmix_alpha, uniform_sampling=spec.uniform_sampling,
-                    exclude_self=exclude_self, generator=generator)
-    indices = F.sample_partners(n, exclude_self=exclude_self, generator=generator)
-    count = n if per_sample else 1
-    u = torch.rand(2, count, dtype=torch.float64, generator=generator, device='cpu')
-    mixed = u[0] < spec.prob
-    if spec.cutmix_alpha > 0 and spec.mixup_alpha > 0:
-        use_cutmix = u[1] < spec.switch_prob
-    else:
-        use_cutmix = torch.full((count,), spec.cutmix_alpha > 0, device='cpu')
-    use_cutmix &= mixed
-    use_mixup = mixed & ~use_cutmix
-    nominal = torch.ones(count, dtype=torch.float64, device='cpu')
-    if spec.cutmix_alpha > 0:
-        nominal = torch.where(use_cutmix, torch.from_numpy(_beta(spec.cutmix_alpha, count, generator)), nominal)
-    weight = torch.zeros(count, dtype=torch.float64, device='cpu')
-    if spec.mixup_alpha > 0:
-        lam_mix = _beta(spec.mixup_alpha, count, generator)
-        weight = torch.where(use_mixup, torch.from_numpy(_partner_weight(lam_mix, spec.mixup_fold)), weight)
-    boxes = torch.zeros(count, 4, dtype=torch.long, device='cpu')
-    if bool(use_cutmix.any()):
-        boxes = torch.where(use_cutmix[:, None], _cutmix_boxes(nominal, height, width, spec, generator), boxes)
-    full = torch.tensor([0, height, 0, width], device='cpu')
-    boxes = torch.where(use_mixup[:, None] & (weight > 0)[:, None], full, boxes)
-    weight = torch.where(use_cutmix, torch.ones_like(weight), weight)
-    lam = 1.0 - weight * F.box_areas(boxes).double() / max(height * width, 1)
-    if per_sample:
-        return F.PerSampleParams(boxes=boxes, lam=lam, indices=indices, weights=weight)
-    box = tuple(int(v) for v in boxes[0])
-    return F.CutMixParams(box=box, lam=float(lam[0]), indices=indices, weight=float(weight[0]))  # type: ignore[arg-type]

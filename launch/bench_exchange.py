@@ -355,10 +355,10 @@ def mixup_exchange_rank(rank: int, world: int, shapes: Sequence[Shape], iters: i
                         seed: int) -> list[dict[str, Any]]:
     """This rank's side of the MixUp exchange rows: per shape and mode, per-step seconds and bytes of ours,
     all-gather and a bare ``all_to_all_single`` of our byte counts, and the bytes that must cross."""
+    from dist_cutmix import sample_mix
     from dist_cutmix.distributed import group_stream_key
     from dist_cutmix.mixer import mix_batch_across_group
     from dist_cutmix.randomness import batch_generator
-    from dist_cutmix.spec import sample_mix
 
     key = group_stream_key(None)
     out = []

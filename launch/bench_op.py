@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from dist_cutmix import functional as F
+from dist_cutmix.draw import kept_share
 from launch.bench_common import (
     DEVICES,
     NUM_CLASSES,
@@ -233,7 +234,7 @@ def _run_per_sample(x: torch.Tensor, y: torch.Tensor, draws: Sequence[F.PerSampl
     batch = []
     for p in ps:
         box = _mean_area_box(p.boxes, h, w)
-        batch.append(F.CutMixParams(box, F.box_lambda(box, h, w), p.indices))
+        batch.append(F.MixParams(box, float(kept_share(torch.tensor([box]), h, w)[0]), p.indices))
     _check_same_work_per_sample(x, y, ps[warmup], batch[warmup], timm_elem, holder)
 
     def ours(i: int) -> None:
@@ -472,7 +473,7 @@ MIXUPCUTMIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)  # timm's
 def _draw_mixup(n: int, h: int, w: int, count: int, seed: int) -> list[F.CutMixParams]:
     """``count`` batch MixUp draws (whole image, partner weight ``min(z, 1 - z)`` on the ``2**-10`` grid),
     leaving out the rare draw whose weight rounds to 0 (nothing to blend: every implementation would skip it)."""
-    from dist_cutmix.spec import MixSpec, sample_mix
+    from dist_cutmix import MixSpec, sample_mix
 
     spec = MixSpec.mixup(MIXUP_ALPHA)
     g = torch.Generator().manual_seed(seed + 11)
@@ -486,7 +487,7 @@ def _draw_mixup(n: int, h: int, w: int, count: int, seed: int) -> list[F.CutMixP
 
 def _draw_mixupcutmix(n: int, h: int, w: int, count: int, seed: int) -> list[F.PerSampleParams]:
     """``count`` per-sample MixUpCutMix draws (``MIXUPCUTMIX``): each sample a CutMix box or a MixUp blend."""
-    from dist_cutmix.spec import MixSpec, sample_mix
+    from dist_cutmix import MixSpec, sample_mix
 
     spec = MixSpec(**MIXUPCUTMIX)
     g = torch.Generator().manual_seed(seed + 13)

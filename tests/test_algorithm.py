@@ -126,8 +126,8 @@ def test_soft_and_onehot_targets_are_accepted():
 
 
 @pytest.mark.parametrize('kwargs, match', [
-    (dict(alpha=-0.5), 'alpha must be a finite number >= 0, got -0.5'),
-    (dict(alpha=float('nan')), 'alpha must be a finite number >= 0, got nan'),
+    (dict(alpha=-0.5), 'alpha must be a finite number >= 0, got alpha=-0.5'),
+    (dict(alpha=float('nan')), 'alpha must be a finite number >= 0, got alpha=nan'),
     (dict(mode='cluster'), "mode must be one of .*, got mode='cluster'"),
     (dict(mode='local', process_group=object()), "process_group is only used with mode='global'"),
     (dict(num_classes=0), 'num_classes must be a positive int or None, got num_classes=0'),

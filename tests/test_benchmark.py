@@ -385,7 +385,7 @@ def test_mixup_same_work_check_catches_a_different_blend():
 
 def test_mixup_split_bytes_count_each_region_and_label():
     """Against a loop: rank r sends each of its samples' pixels in the destination's region and a label."""
-    from dist_cutmix.spec import MixSpec, sample_mix
+    from dist_cutmix import MixSpec, sample_mix
 
     b, world, c, h, w = 3, 3, 2, 7, 5
     g = torch.Generator().manual_seed(4)

@@ -70,7 +70,7 @@ def test_batch_blend_in_a_box_equals_the_formula(shape, inplace):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('inplace', [False, True])
 def test_per_sample_blends_and_pastes_equal_the_formula(shape, dtype, inplace):
-    from dist_cutmix.spec import MixSpec, sample_mix
+    from dist_cutmix import MixSpec, sample_mix
 
     n, _, h, w = shape
     x = _batch(shape, dtype)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dist_cutmix import functional as F
+from dist_cutmix._tensors import to_device
 from dist_cutmix.distributed import node_group
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.randomness import batch_generator
@@ -235,9 +236,9 @@ def test_the_sync_count_sees_a_pageable_non_blocking_copy_and_a_read() -> None:
     device = torch.zeros(4, device='cuda')
     assert len(syncs_of(lambda: host.to('cuda', non_blocking=True))) == 1  # pageable: hidden from debug mode
     assert len(syncs_of(lambda: host.pin_memory().to('cuda', non_blocking=True))) == 0
-    assert len(syncs_of(lambda: F._to_device(host, 'cuda'))) == 0
+    assert len(syncs_of(lambda: to_device(host, 'cuda'))) == 0
     assert len(syncs_of(lambda: device.sum().item())) == 1  # a device-to-host read
-    assert torch.equal(F._to_device(host, 'cuda').cpu(), host)
+    assert torch.equal(to_device(host, 'cuda').cpu(), host)
 
 
 @needs_cuda

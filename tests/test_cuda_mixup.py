@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import Tensor
 
+from dist_cutmix import MixSpec, sample_mix
 from dist_cutmix import functional as F
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.randomness import batch_generator
-from dist_cutmix.spec import MixSpec, sample_mix
 from tests.test_cuda import assert_same
 from tests.test_cuda import make_input as cuda_make_input
 

@@ -89,8 +89,7 @@ def test_both_samplers_cut_each_pixel_as_often_as_the_documented_rule(alpha, uni
     # one box per batch: the batch sampler's λ and box, one draw per batch
     n_batch = 3000
     g = batch_generator(4, int(alpha * 10) + uniform)
-    boxes = [F.sample_box(H, W, F.sample_lambda(alpha, g), uniform_sampling=uniform, generator=g)
-             for _ in range(n_batch)]
+    boxes = [F.sample_params(2, H, W, alpha=alpha, uniform_sampling=uniform, generator=g).box for _ in range(n_batch)]
     _assert_same_coverage(_coverage(torch.tensor(boxes)), n_batch, ref, n_ref,
                           f'batch, alpha={alpha}, uniform={uniform}')
 

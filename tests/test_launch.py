@@ -233,9 +233,9 @@ def _recipe_on_rank(rank: int, world_size: int, argv: list[str]) -> dict:
 
 
 def test_timm_recipe_on_two_gloo_ranks_mixes_as_drawn(tmp_path):
+    from dist_cutmix import MixSpec, sample_mix
     from dist_cutmix.functional import label_lambda
     from dist_cutmix.randomness import batch_generator
-    from dist_cutmix.spec import MixSpec, sample_mix
 
     summaries = run_ranks(_recipe_on_rank, 2, tmp_path, [*TINY, *RECIPE, '--duration', '6ba', '--seed', '3'],
                           deadline_s=180)
@@ -373,8 +373,8 @@ def _mix_switch_for_picture(rank: int, world_size: int) -> dict:
 def test_visualize_switch_shows_the_engines_images_and_names_each_method(tmp_path):
     from PIL import Image
 
+    from dist_cutmix import MixSpec, sample_mix
     from dist_cutmix.randomness import batch_generator
-    from dist_cutmix.spec import MixSpec, sample_mix
     from launch.train import MNIST_MEAN, MNIST_STD
     from launch.visualize import OUT_SWITCH, build_parser, default_out, draw_grid, panels
 

@@ -15,11 +15,10 @@ import pytest
 import timm.data.mixup as timm_mixup
 import torch
 
+from dist_cutmix import MixSpec, mixup_batch, sample_mix
 from dist_cutmix import functional as F
-from dist_cutmix import mixup_batch
 from dist_cutmix.mixer import mix_batch_local
 from dist_cutmix.randomness import batch_generator
-from dist_cutmix.spec import MixSpec, sample_mix
 from tests.mix_reference import Draw, area, as_draw, mix_labels, mix_pixels
 
 
@@ -375,14 +374,16 @@ def test_one_alpha_zero_gives_only_the_other_method(per_sample):
 
 
 @pytest.mark.parametrize('alpha, uniform_sampling', [(1.0, False), (0.3, True), (0.0, False)])
-def test_a_plain_cutmix_spec_draws_exactly_what_cutmix_draws(alpha, uniform_sampling):
+def test_the_composer_style_draws_go_through_the_one_drawing_path(alpha, uniform_sampling):
     spec = MixSpec.cutmix(alpha, uniform_sampling)
     for b in range(5):
         ours = sample_mix(spec, 9, 13, 11, generator=batch_generator(5, b))
         theirs = F.sample_params(9, 13, 11, alpha=alpha, uniform_sampling=uniform_sampling,
                                  generator=batch_generator(5, b))
-        assert (ours.box, ours.lam, ours.weight) == (theirs.box, theirs.lam, 1.0)
+        assert (ours.box, ours.lam, ours.weight) == (theirs.box, theirs.lam, theirs.weight)
         assert torch.equal(ours.indices, theirs.indices)
+        if alpha == 0:  # alpha 0 mixes nothing: an empty box, λ 1, no weight
+            assert (ours.box, ours.lam, ours.weight) == ((0, 0, 0, 0), 1.0, 0.0)
         ours = sample_mix(spec, 9, 13, 11, per_sample=True, generator=batch_generator(6, b))
         theirs = F.sample_params_per_sample(9, 13, 11, alpha=alpha, uniform_sampling=uniform_sampling,
                                             generator=batch_generator(6, b))

@@ -525,9 +525,9 @@ def test_a_refused_stock_metric_names_the_algorithm_in_use(make, name):
 
 
 @pytest.mark.parametrize('make, match', [
-    (lambda: MixUp(alpha=-0.2), r'alpha must be a finite number >= 0, got -0\.2'),
-    (lambda: MixUp(alpha=float('nan')), 'alpha must be a finite number >= 0, got nan'),
-    (lambda: MixUp(alpha=float('inf')), 'alpha must be a finite number >= 0, got inf'),
+    (lambda: MixUp(alpha=-0.2), r'alpha must be a finite number >= 0, got alpha=-0\.2'),
+    (lambda: MixUp(alpha=float('nan')), 'alpha must be a finite number >= 0, got alpha=nan'),
+    (lambda: MixUp(alpha=float('inf')), 'alpha must be a finite number >= 0, got alpha=inf'),
     (lambda: MixUpCutMix(mixup_alpha=-1.0), r'mixup_alpha must be a finite number >= 0, got mixup_alpha=-1\.0'),
     (lambda: MixUpCutMix(cutmix_alpha='one'), "cutmix_alpha must be a finite number >= 0, got cutmix_alpha='one'"),
     (lambda: MixUpCutMix(prob=1.5), r'prob must be a number in \[0, 1\], got prob=1\.5'),

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
+from dist_cutmix import MixSpec, sample_mix
 from dist_cutmix.distributed import BatchMismatchError
 from dist_cutmix.mixer import mix_batch_across_group
 from dist_cutmix.randomness import batch_generator
-from dist_cutmix.spec import MixSpec, sample_mix
 from tests.mix_reference import area, as_draw, exchange_bytes, mix_labels, mix_pixels, owner_of
 from tests.spawn import run_ranks
 
