@@ -24,7 +24,8 @@ def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize('mix', [mix_batch_local, mix_batch_across_group])
 def test_spec_with_a_conflicting_alpha_or_uniform_sampling_raises_naming_both(mix) -> None:
     x, y = _batch()
-    with pytest.raises(ValueError, match=r'not both: got spec=MixSpec\(cutmix_alpha=0\.0, mixup_alpha=0\.2.*alpha=0\.5'):
+    conflict = r'not both: got spec=MixSpec\(cutmix_alpha=0\.0, mixup_alpha=0\.2.*alpha=0\.5'
+    with pytest.raises(ValueError, match=conflict):
         mix(x, y, seed=0, batch=0, spec=MixSpec.mixup(0.2), alpha=0.5, num_classes=K)
     with pytest.raises(ValueError, match=r'not both: .*uniform_sampling=True'):
         mix(x, y, seed=0, batch=0, spec=MixSpec.cutmix(1.0), uniform_sampling=True, num_classes=K)
