@@ -103,11 +103,11 @@ def sample_params(
         if not 0 <= length <= 1:
             raise ValueError(f'length must be in [0, 1], got length={length}')
         drawn = 1.0 - (int(length * height) * int(length * width)) / max(height * width, 1)
-        lam = torch.tensor([drawn], dtype=torch.float64)
+        lam = torch.tensor([drawn], dtype=torch.float64, device='cpu')
         box = tuple(int(v) for v in sample_boxes(lam, height, width, uniform_sampling=uniform_sampling,
                                                  generator=generator)[0])
     if box is not None:
-        lam = float(kept_share(torch.tensor([box]), height, width)[0])
+        lam = float(kept_share(torch.tensor([box], device='cpu'), height, width)[0])
         params = MixParams(box=box, lam=lam, indices=params.indices)  # type: ignore[arg-type]
     return params if indices is None else replace(params, indices=check_partners(indices, n))
 

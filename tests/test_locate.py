@@ -34,7 +34,7 @@ def test_a_changed_row_is_an_error_not_a_guess():
     whole = _batch()
     part = whole[[1, 2]].clone()
     part[1, 0, 0, 0] += 1e-3
-    with pytest.raises(RowLookupError, match='row 1 of the microbatch is no row of the batch'):
+    with pytest.raises(RowLookupError, match='row 1 of the microbatch is no row of the mixed batch'):
         locate_rows(part, whole)
     with pytest.raises(RowLookupError, match='cannot come from a batch'):
         locate_rows(whole[:, :2].clone(), whole)
