@@ -197,6 +197,7 @@ def mix_batch_across_group(
     inplace: bool = False,
     per_sample: bool = False,
     spec: Optional[MixSpec] = None,
+    problem: Optional[Exception] = None,
 ) -> MixResult:
     """Mix over the group's global batch (the ranks' batches end to end, in group-rank order).
 
@@ -207,7 +208,9 @@ def mix_batch_across_group(
     gets its own λ and box, drawn identically on every rank; each crop is cut with its
     destination's box, and crops of all sizes travel in the same one ``all_to_all_single``. ``spec``
     as for :func:`mix_batch_local`: a MixUp partner's whole image crosses ranks, a CutMix partner's
-    box only, an unmixed sample's nothing.
+    box only, an unmixed sample's nothing. ``problem``: a door's own finding that this rank's batch
+    cannot be mixed (an input its framework refuses); it is raised as the engine's own input errors
+    are, on every rank at once, and ``input`` and ``target`` are then not read.
 
     Raises:
         BatchMismatchError: on every rank, if any rank's input is malformed or ranks disagree
@@ -217,7 +220,8 @@ def mix_batch_across_group(
     if rank < 0:
         raise ValueError(f'this process is not a member of process_group {group!r}: it cannot mix over it')
     spec = _spec(spec, alpha, uniform_sampling)
-    kind, problem = _kind_and_problem(input, target, num_classes, mix_target, spec)
+    kind, problem = (None, problem) if problem is not None \
+        else _kind_and_problem(input, target, num_classes, mix_target, spec)
     if world == 1:
         if problem is not None:
             raise problem
