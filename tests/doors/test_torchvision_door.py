@@ -133,15 +133,19 @@ def _same_structure(got: Any, want: Any) -> None:
         assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
 
 
-INPUTS = {
+def _video(x: torch.Tensor) -> torch.Tensor:
+    return tv_tensors.Video(x[:, None].expand(-1, 2, -1, -1, -1).contiguous())  # two frames
+
+
+# How a test's batch is handed over: the call's arguments, and how to read (images, labels) back from its result.
+INPUTS: dict[str, Callable[[Any, torch.Tensor], tuple[tuple, Callable[[Any], tuple]]]] = {
     'unpacked': lambda x, y: ((x, y), lambda out: out),
     'packed': lambda x, y: (((x, y),), lambda out: out),
     'Image': lambda x, y: ((tv_tensors.Image(x), y), lambda out: out),
     'dict': lambda x, y: (({'image': x, 'labels': y},), lambda out: (out['image'], out['labels'])),
     'channels_last': lambda x, y: ((x.contiguous(memory_format=torch.channels_last), y), lambda out: out),
     'uint8': lambda x, y: (((x * 255).to(torch.uint8), y), lambda out: out),
-    'Video': lambda x, y: ((tv_tensors.Video(x.reshape(x.shape[0], 1, *x.shape[1:]).expand(-1, 2, -1, -1, -1)
-                                             .contiguous()), y), lambda out: out),
+    'Video': lambda x, y: ((_video(x), y), lambda out: out),
 }
 
 
@@ -153,8 +157,7 @@ def test_pinned_cutmix_gives_torchvisions_pixels_and_labels(monkeypatch: pytest.
     tv, ours = v2.CutMix(num_classes=K), CutMix(num_classes=K, seed=1)
     for seed in range(4):
         args, unpack = INPUTS[given](x, y)
-        images = args[0] if given != 'packed' and given != 'dict' else (args[0][0] if given == 'packed' else x)
-        params = _torchvisions_draw(tv, images, seed)
+        params = _torchvisions_draw(tv, x, seed)  # the box depends on the images' height and width only
         _pin(monkeypatch, _cutmix_params(params['box']))
         torch.manual_seed(seed)
         want = tv(*args)
