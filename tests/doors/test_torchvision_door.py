@@ -318,7 +318,7 @@ def test_accepts_and_refuses_what_torchvision_does(method: str, case: str) -> No
         _same_structure(got, want)
 
 
-def test_the_table_covers_every_documented_difference_and_both_kinds_of_outcome() -> None:
+def test_every_documented_difference_is_a_table_case_and_named_in_the_docs() -> None:
     assert {case for _, case in DIFFERENT} <= set(CASES)
     text = (ROOT / 'docs' / 'compatibility.md').read_text()
     for phrase in ('uint8', 'different sizes', 'labels first', 'num_classes=-1'):
@@ -397,6 +397,14 @@ def test_a_single_method_choice_mixes_as_that_method_and_the_choice_switches() -
         choice(x, y)
         kinds.add('CutMix' if choice.last.box != (0, 32, 0, 32) else 'MixUp')
     assert kinds == {'CutMix', 'MixUp'}
+
+
+def test_a_refused_batch_is_not_counted_so_the_next_one_mixes_as_without_it() -> None:
+    refused, straight = CutMix(num_classes=K, seed=0), CutMix(num_classes=K, seed=0)
+    with pytest.raises(MixInputError, match='must be int64'):
+        refused(X, Y.int())
+    assert refused.mixer.batch == 0
+    assert torch.equal(refused(X, Y)[0], straight(X, Y)[0]) and refused.mixer.batch == 1
 
 
 def test_the_state_dict_resumes_the_draws() -> None:
