@@ -122,8 +122,15 @@ class Mixer:
         result = self.mix(input, target)
         return result.input, result.target
 
-    def mix(self, input: Tensor, target: Tensor) -> MixResult:
-        """Mix one batch and count it; return the whole :class:`~dist_cutmix.MixResult` (also kept in ``last``)."""
+    def mix(self, input: Tensor, target: Tensor, *, problem: Optional[Exception] = None) -> MixResult:
+        """Mix one batch and count it; return the whole :class:`~dist_cutmix.MixResult` (also kept in ``last``).
+
+        ``problem``: a door's own finding that this batch cannot be mixed. It is raised here (``'local'``) or on
+        every rank of the group at once (``'global'``, ``'node'``), as the engine's own input errors are, so that
+        the other ranks do not wait for this one in a collective; the batch is not counted.
+        """
+        if problem is not None and self.mode == 'local':
+            raise problem
         seed = self._resolve_seed()
         spec = self.spec if self.enabled else dataclasses.replace(self.spec, prob=0.0)
         kwargs: dict[str, Any] = dict(seed=seed, batch=self.batch, spec=spec, exclude_self=self.exclude_self,
@@ -131,7 +138,8 @@ class Mixer:
         if self.mode == 'local':
             result = mix_batch_local(input, target, rank=group_rank_and_size(None)[0], **kwargs)
         else:
-            result = mix_batch_across_group(input, target, group=self._mixing_group(), caller='Mixer', **kwargs)
+            result = mix_batch_across_group(input, target, group=self._mixing_group(), caller='Mixer', problem=problem,
+                                            **kwargs)
         self.last = result
         self.batch += 1
         return result

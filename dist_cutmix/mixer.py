@@ -169,6 +169,7 @@ def mix_batch_across_group(
     per_sample: bool = False,
     spec: Optional[MixSpec] = None,
     caller: str = 'mix_batch_across_group',
+    problem: Optional[Exception] = None,
 ) -> MixResult:
     """Mix over the group's global batch (the ranks' batches end to end, in group-rank order).
 
@@ -179,6 +180,9 @@ def mix_batch_across_group(
     in one process on the concatenated batch. With ``per_sample=True`` every sample of the global batch
     gets its own draw; each crop is cut with its destination's box, and crops of all sizes travel in
     the same one collective. ``spec`` as for :func:`mix_batch_local`; ``caller`` is named in errors.
+    ``problem``: a door's own finding that this rank's batch cannot be mixed (an input its framework
+    refuses); it is raised as the engine's own input errors are, on every rank at once, and ``input``
+    and ``target`` are then not read.
 
     Raises:
         BatchMismatchError: on every rank, if any rank's input is malformed or ranks disagree on the
@@ -188,7 +192,7 @@ def mix_batch_across_group(
     if rank < 0:
         raise ValueError(f'{caller}: this process is not a member of process_group {group!r}: it cannot mix over it')
     spec = resolve_spec(spec, alpha, uniform_sampling)
-    kind, sizes = _check_and_agree(input, target, num_classes, mix_target, spec, batch, group, world, caller)
+    kind, sizes = _check_and_agree(input, target, num_classes, mix_target, spec, batch, group, world, caller, problem)
     _, _, h, w = input.shape
     params = sample_mix(spec, sum(sizes), h, w, per_sample=per_sample, exclude_self=exclude_self,
                         generator=batch_generator(seed, batch, *group_stream_key(group)))
@@ -203,12 +207,16 @@ def mix_batch_across_group(
 
 
 def _check_and_agree(input: Tensor, target: Tensor, num_classes: Optional[int], mix_target: bool, spec: MixSpec,
-                     batch: int, group: ProcessGroup, world: int, caller: str) -> tuple[str, list[int]]:
-    """This rank's target kind and every rank's batch size; any rank's bad input raises on every rank."""
-    try:
-        kind, problem = check_batch(input, target, num_classes=num_classes, mix_target=mix_target, spec=spec), None
-    except (TypeError, ValueError) as e:
-        kind, problem = 'invalid', e
+                     batch: int, group: ProcessGroup, world: int, caller: str,
+                     problem: Optional[Exception]) -> tuple[str, list[int]]:
+    """This rank's target kind and every rank's batch size; any rank's bad input (or a door's ``problem``)
+    raises on every rank."""
+    kind = 'invalid'
+    if problem is None:
+        try:
+            kind = check_batch(input, target, num_classes=num_classes, mix_target=mix_target, spec=spec)
+        except (TypeError, ValueError) as e:
+            problem = e
     if world == 1:
         if problem is not None:
             raise problem

@@ -53,9 +53,15 @@ def _check_plain_pytorch(ns: dict) -> None:
     assert target.sum(dim=1).tolist() == [1.0] * 8
 
 
+def _check_torchvision(ns: dict) -> None:
+    # the loop's object mixed (soft labels whose rows sum to 1) and counted its 4 batches, in its state too
+    assert ns['labels'].shape == (16, 10) and ns['labels'].sum(1).tolist() == [1.0] * 16
+    assert ns['mixup_cutmix'].mixer.batch == 4 and ns['state']['_extra_state']['batch'] == 4
+
+
 # Pages that must hold Python blocks, and what their blocks must leave behind.
 CHECKS = {'README.md': _check_readme, 'docs/metrics.md': _check_metrics, 'docs/design.md': lambda ns: None,
-          'docs/plain_pytorch.md': _check_plain_pytorch}
+          'docs/plain_pytorch.md': _check_plain_pytorch, 'docs/torchvision.md': _check_torchvision}
 
 
 def test_every_checked_page_exists():
@@ -67,7 +73,10 @@ def test_python_blocks_run(page):
     blocks = _python_blocks(page)
     if _name(page) in CHECKS:
         assert blocks, f'{_name(page)} has no python block'
-    needs_composer = r'^\s*(from|import) composer\b|\b(CutMix|MixUp|MixUpCutMix|MixingAlgorithm)\('
+    # Composer itself, or our Composer algorithms (dist_cutmix's own CutMix, ...; not a door's of the same name)
+    algorithms = r'\b(CutMix|MixUp|MixUpCutMix|MixingAlgorithm)\b'
+    needs_composer = (rf'^\s*(from|import) composer\b|^\s*from dist_cutmix import [^\n]*{algorithms}'
+                      rf'|\bdist_cutmix\.{algorithms}')
     if not HAS_COMPOSER and re.search(needs_composer, ''.join(blocks), flags=re.M):
         pytest.skip('needs the composer extra')
     namespace: dict = {}
