@@ -34,6 +34,7 @@ __all__ = [
     'sample_boxes',
     'sample_boxes_minmax',
     'sample_mix',
+    'sample_pairs',
     'sample_partners',
 ]
 
@@ -154,6 +155,20 @@ def sample_partners(n: int, *, exclude_self: bool = True, generator: torch.Gener
     return perm
 
 
+def sample_pairs(n: int, *, generator: torch.Generator) -> Tensor:
+    """Partners that pair up: a random perfect matching of ``range(n)``, ``partners[partners[i]] == i``.
+
+    One ``randperm`` laid out as pairs ``(p[0], p[1]), (p[2], p[3]), ...``; in an odd batch its last
+    sample is its own partner (timm's ``mode='pair'`` mixes ``i`` with ``N - 1 - i``; here the matching is drawn).
+    """
+    perm = torch.randperm(n, generator=generator, device='cpu')
+    half = n // 2
+    first, second = perm[0:2 * half:2], perm[1:2 * half:2]
+    partners = torch.arange(n, device='cpu')
+    partners[first], partners[second] = second, first
+    return partners
+
+
 def sample_boxes(lam: Tensor, height: int, width: int, *, uniform_sampling: bool = False,
                  generator: torch.Generator) -> Tensor:
     """One box per λ of ``lam``, covering about ``1 - λ`` of the image, clipped at the edges: ``(K, 4)`` int64.
@@ -206,7 +221,8 @@ def sample_mix(
 ) -> Params:
     """Draw one batch's mix: partners, and per batch (or per sample) the method, region and weight.
 
-    In this order, from ``generator``: the partners (:func:`sample_partners`); two uniforms per draw (mixed
+    In this order, from ``generator``: the partners (:func:`sample_partners`, or :func:`sample_pairs` for
+    ``spec.pairs``); two uniforms per draw (mixed
     at all with probability ``prob``; CutMix rather than MixUp with probability ``switch_prob``); CutMix's λ
     from Beta(cutmix_alpha); MixUp's from Beta(mixup_alpha); the boxes. A draw that cannot happen (an alpha
     of 0) consumes nothing, so a plain CutMix spec draws partners, uniforms, λ and boxes only.
@@ -223,7 +239,10 @@ def sample_mix(
     Returns:
         :class:`MixParams` (one region and weight for the batch) or :class:`PerSampleMixParams` (one per
         sample). ``lam`` is each sample's kept share, ``1 - weight * area / (H * W)``: for MixUp on the
-        ``2**-10`` label grid.
+        ``2**-10`` label grid; for CutMix with ``spec.correct_lam=False``, the drawn λ instead.
+
+    Raises:
+        ValueError: for ``spec.pairs`` without ``per_sample``.
 
     Example:
         >>> from dist_cutmix.randomness import batch_generator
@@ -231,7 +250,11 @@ def sample_mix(
         >>> params.weight, 0.0 <= params.lam <= 1.0
         (1.0, True)
     """
-    indices = sample_partners(n, exclude_self=exclude_self, generator=generator)
+    if spec.pairs and not per_sample:
+        raise ValueError("MixSpec(pairs=True) gives each pair its own draw: it needs per_sample=True (timm's "
+                         "mode='pair'); a batch-wide draw takes partners from a permutation")
+    indices = sample_pairs(n, generator=generator) if spec.pairs \
+        else sample_partners(n, exclude_self=exclude_self, generator=generator)
     count = n if per_sample else 1
     u = torch.rand(2, count, dtype=torch.float64, generator=generator, device='cpu')
     mixed = u[0] < spec.prob
@@ -259,7 +282,16 @@ def sample_mix(
     whole = torch.tensor([0, height, 0, width], device='cpu')
     boxes = torch.where((use_mixup & (weight > 0))[:, None], whole, boxes)
     weight = torch.where(use_cutmix, torch.ones_like(weight), weight)
+    if spec.pairs:  # both members of a pair take the draw of its lower index; the odd one out stays unmixed
+        own = torch.arange(n, device='cpu')
+        alone = indices == own
+        first = torch.minimum(own, indices)
+        boxes = boxes[first].masked_fill(alone[:, None], 0)
+        weight = weight[first].masked_fill(alone, 0.0)
+        use_cutmix, drawn_lam = use_cutmix[first] & ~alone, drawn_lam[first]
     lam = kept_share(boxes, height, width, weight)
+    if not spec.correct_lam and spec.cutmix_minmax is None:  # timm: the label keeps the drawn λ, clipped or not
+        lam = torch.where(use_cutmix, drawn_lam, lam)
     if per_sample:
         return PerSampleMixParams(boxes=boxes, lam=lam, indices=indices, weights=weight)
     box = tuple(int(v) for v in boxes[0])

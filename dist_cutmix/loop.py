@@ -100,6 +100,8 @@ class Mixer:
                 raise ValueError(f'Mixer takes spec= or the mixing arguments, not both: got spec={spec!r} and '
                                  + ', '.join(f'{k}={v!r}' for k, v in named.items()))
         check_pool(mode, group)
+        if spec.pairs and not per_sample:
+            raise ValueError('MixSpec(pairs=True) draws once per pair of samples: pass per_sample=True with it')
         check_seed(seed)
         check_num_classes(num_classes)
         self.spec = spec
@@ -189,6 +191,8 @@ class Mixer:
         if not isinstance(state, dict) or 'batch' not in state:
             raise ValueError(f'state must be a Mixer.state_dict(), got {state!r}')
         mine = self.state_dict()
+        if isinstance(state.get('spec'), dict):  # a checkpoint from before a MixSpec field existed has its default
+            state = {**state, 'spec': {**_spec_state(MixSpec()), **state['spec']}}
         differ = [k for k in ('mode', 'per_sample', 'exclude_self', 'num_classes', 'spec') if state.get(k) != mine[k]]
         if self.seed is not None and state.get('seed') is not None and state['seed'] != self.seed:
             differ.append('seed')

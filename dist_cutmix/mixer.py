@@ -254,9 +254,10 @@ def _mix_targets(target: Tensor, partner: Tensor, params: Union[MixParams, PerSa
         return target
     if isinstance(params, PerSampleMixParams):
         return mix_targets_per_sample(target, partner, params.lam, params.boxes, kind=kind, num_classes=num_classes,
-                                      validate=False, smoothing=spec.label_smoothing, weights=params.weights)
+                                      validate=False, smoothing=spec.label_smoothing, weights=params.weights,
+                                      multi_label=spec.multi_label)
     return mix_targets(target, partner, params.lam, params.box, kind=kind, num_classes=num_classes, validate=False,
-                       smoothing=spec.label_smoothing, weight=params.weight)
+                       smoothing=spec.label_smoothing, weight=params.weight, multi_label=spec.multi_label)
 
 
 def _mix_group_batch(input: Tensor, target: Tensor, kind: str, params: MixParams, plan: ExchangePlan, rank: int,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from dist_cutmix.validation import check_alpha, check_probability
+from dist_cutmix.validation import check_alpha, check_flag, check_probability
 
 __all__ = ['MixSpec']
 
@@ -32,6 +32,15 @@ class MixSpec:
         mixup_fold: MixUp's partner weight is ``min(z, 1 - z)``, ``z ~ Beta``, so the own label stays
             the main one (Composer's ``MixUp``); ``False`` takes ``1 - z`` as timm does.
         label_smoothing: ``ε``: soft targets become ``(1 - ε) * mixed + ε / C``.
+        correct_lam: a CutMix sample's λ is its clipped box's exact pixel share (timm's ``correct_lam=True``);
+            ``False`` keeps the drawn λ for the label however the box was clipped (timm's ``correct_lam=False``).
+            A ``cutmix_minmax`` box has no drawn λ: its λ is always the box's.
+        multi_label: targets are multi-hot ``(N, C)``, every class its own binary label (timm's
+            ``multi_label``): smoothing moves each entry toward 1/2, ``(1 - ε) * mixed + ε / 2``, and
+            index targets are refused.
+        pairs: partners form pairs (a random perfect matching over the batch, each the other's partner) and
+            both members of a pair share one draw (timm's ``mode='pair'``); in an odd batch one sample is left
+            unmixed. Needs ``per_sample=True``.
 
     Raises:
         ValueError: naming the field and its value, for a value out of its range (``TypeError`` for an
@@ -51,8 +60,13 @@ class MixSpec:
     uniform_sampling: bool = False
     mixup_fold: bool = False
     label_smoothing: float = 0.0
+    correct_lam: bool = True
+    multi_label: bool = False
+    pairs: bool = False
 
     def __post_init__(self) -> None:
+        for name in ('uniform_sampling', 'mixup_fold', 'correct_lam', 'multi_label', 'pairs'):
+            check_flag(getattr(self, name), name)
         for name in ('cutmix_alpha', 'mixup_alpha'):
             object.__setattr__(self, name, check_alpha(getattr(self, name), name))
         for name in ('prob', 'switch_prob', 'label_smoothing'):

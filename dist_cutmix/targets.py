@@ -39,6 +39,7 @@ def mix_targets(
     validate: bool = True,
     smoothing: float = 0.0,
     weight: float = 1.0,
+    multi_label: bool = False,
 ) -> Tensor:
     """Mix each target with its partner's.
 
@@ -54,6 +55,8 @@ def mix_targets(
             ``False`` where the caller has checked them already.
         smoothing: label smoothing ``ε``: class targets become ``(1 - ε) * mixed + ε / C``.
         weight: for dense targets, the partner's weight inside the box (below 1 blends float maps).
+        multi_label: soft ``(N, C)`` targets are multi-hot, every class its own binary label: smoothing
+            moves each entry toward 1/2, ``(1 - ε) * mixed + ε / 2`` (timm's ``multi_label``).
 
     Returns:
         Dense targets with the partner box pasted (or blended); otherwise ``l * own + (1 - l) * partner``
@@ -84,7 +87,7 @@ def mix_targets(
         label_lam = to_device(label_lam.to(own.dtype), own.device).reshape(-1, *([1] * (own.ndim - 1)))
     mixed = own * label_lam + other * (1.0 - label_lam)
     if smoothing:
-        mixed = mixed * (1.0 - smoothing) + smoothing / mixed.shape[1]
+        mixed = mixed * (1.0 - smoothing) + smoothing / (2 if multi_label else mixed.shape[1])
     return mixed
 
 
@@ -99,6 +102,7 @@ def mix_targets_per_sample(
     validate: bool = True,
     smoothing: float = 0.0,
     weights: Optional[Tensor] = None,
+    multi_label: bool = False,
 ) -> Tensor:
     """:func:`mix_targets` with one λ and box per sample.
 
@@ -109,7 +113,7 @@ def mix_targets_per_sample(
     """
     if kind != 'dense':
         return mix_targets(target, partner, lam, (0, 0, 0, 0), kind=kind, num_classes=num_classes, validate=validate,
-                           smoothing=smoothing)
+                           smoothing=smoothing, multi_label=multi_label)
     check_smoothable(kind, target, smoothing)
     if weights is not None:
         if bool(((weights != 1) & (weights != 0) & (box_areas(boxes) > 0)).any()):

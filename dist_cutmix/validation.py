@@ -25,8 +25,10 @@ __all__ = [
     'check_blendable_dense',
     'check_box_inside',
     'check_choice',
+    'check_flag',
     'check_input',
     'check_labels',
+    'check_multi_label',
     'check_num_classes',
     'check_partners',
     'check_pool',
@@ -58,6 +60,13 @@ def check_alpha(value: object, name: str = 'alpha') -> float:
     if math.isnan(value) or value < 0 or math.isinf(value):  # type: ignore[arg-type]
         raise ValueError(f'{name} must be a finite number >= 0, got {name}={value!r}')
     return float(value)  # type: ignore[arg-type]
+
+
+def check_flag(value: object, name: str) -> bool:
+    """Raise unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise TypeError(f'{name} must be True or False, got {name}={value!r}')
+    return value
 
 
 def check_probability(value: object, name: str) -> float:
@@ -207,19 +216,34 @@ def check_blendable_dense(target: Tensor) -> None:
         )
 
 
+def check_multi_label(target: Tensor, kind: str, num_classes: Optional[int]) -> None:
+    """``multi_label`` mixes multi-hot ``(N, C)`` targets, ``C == num_classes`` where that is given (as timm checks)."""
+    if kind != 'soft':
+        raise ValueError(
+            f'multi_label=True mixes multi-hot targets of shape (N, num_classes), got {kind} targets of shape '
+            f'{tuple(target.shape)}: pass multi_label=False for class indices, or multi-hot rows '
+            f'(torch.nn.functional.one_hot(target, num_classes) for one label a sample)',
+        )
+    if num_classes is not None and target.shape[1] != num_classes:
+        raise ValueError(f'multi_label=True: targets must have num_classes={num_classes} columns, got targets of '
+                         f'shape {tuple(target.shape)}')
+
+
 def check_batch(input: object, target: object, *, num_classes: Optional[int], mix_target: bool,
                 spec: 'MixSpec') -> str:
     """Everything a mixer checks of one batch before it draws; return the target kind.
 
-    The input's shape, the target's shape and kind, index labels in range, binary targets in ``[0, 1]``,
-    smoothing only over a class axis, MixUp only of floating dense maps. The value checks (one host sync
-    each) run only where the targets are mixed.
+    The input's shape, the target's shape and kind, multi-hot rows for ``multi_label``, index labels in
+    range, binary targets in ``[0, 1]``, smoothing only over a class axis, MixUp only of floating dense
+    maps. The value checks (one host sync each) run only where the targets are mixed.
     """
     input = check_input(input)
     kind = check_target(target, input)
     target = cast(Tensor, target)  # check_target raised for anything else
     if not mix_target:
         return kind
+    if spec.multi_label:
+        check_multi_label(target, kind, num_classes)
     if kind == 'index':
         check_labels(target, num_classes)
     elif kind == 'binary':
