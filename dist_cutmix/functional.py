@@ -46,6 +46,7 @@ __all__ = [
     'paste_crops',
     'sample_box',
     'sample_lambda',
+    'sample_pairs',
     'sample_params',
     'sample_partners',
     'target_kind',
@@ -231,6 +232,20 @@ def sample_partners(n: int, *, exclude_self: bool = True, generator: torch.Gener
         other = (f + 1 + _randint(0, n - 1, generator)) % n
         perm[f], perm[other] = perm[other].clone(), perm[f].clone()
     return perm
+
+
+def sample_pairs(n: int, *, generator: torch.Generator) -> Tensor:
+    """Partners that pair up: a random perfect matching of ``range(n)``, ``partners[partners[i]] == i``.
+
+    One ``randperm`` laid out as pairs ``(p[0], p[1]), (p[2], p[3]), ...``; in an odd batch its last
+    sample is its own partner (timm's ``mode='pair'`` mixes ``i`` with ``N - 1 - i``; here the matching is drawn).
+    """
+    perm = torch.randperm(n, generator=generator, device='cpu')
+    half = n // 2
+    first, second = perm[0:2 * half:2], perm[1:2 * half:2]
+    partners = torch.arange(n, device='cpu')
+    partners[first], partners[second] = second, first
+    return partners
 
 
 def _partners(indices: Optional[Tensor], n: int, *, exclude_self: bool, generator: torch.Generator) -> Tensor:
@@ -491,6 +506,7 @@ def mix_targets(
     validate: bool = True,
     smoothing: float = 0.0,
     weight: float = 1.0,
+    multi_label: bool = False,
 ) -> Tensor:
     """Mix each target with its partner's.
 
@@ -506,6 +522,8 @@ def mix_targets(
             ``False`` where the caller has checked them already.
         smoothing: label smoothing ``ε``: class targets become ``(1 - ε) * mixed + ε / C``.
         weight: for dense targets, the partner's weight inside the box (below 1 blends float maps).
+        multi_label: soft ``(N, C)`` targets are multi-hot, every class its own binary label: smoothing
+            moves each entry toward 1/2, ``(1 - ε) * mixed + ε / 2`` (timm's ``multi_label``).
 
     Returns:
         Dense targets with the partner box pasted (or blended); otherwise ``l * own + (1 - l) * partner``
@@ -544,7 +562,7 @@ def mix_targets(
         keep = _to_device(keep.to(own.dtype), own.device).reshape(-1, *([1] * (own.ndim - 1)))
     mixed = own * keep + other * (1.0 - keep)
     if smoothing:
-        mixed = mixed * (1.0 - smoothing) + smoothing / mixed.shape[1]
+        mixed = mixed * (1.0 - smoothing) + smoothing / (2 if multi_label else mixed.shape[1])
     return mixed
 
 
@@ -891,6 +909,7 @@ def mix_targets_per_sample(
     validate: bool = True,
     smoothing: float = 0.0,
     weights: Optional[Tensor] = None,
+    multi_label: bool = False,
 ) -> Tensor:
     """:func:`mix_targets` with one λ and box per sample.
 
@@ -901,7 +920,7 @@ def mix_targets_per_sample(
     """
     if kind != 'dense':
         return mix_targets(target, partner, lam, (0, 0, 0, 0), kind=kind, num_classes=num_classes, validate=validate,
-                           smoothing=smoothing)
+                           smoothing=smoothing, multi_label=multi_label)
     if smoothing:
         mix_targets(target, partner, lam, (0, 0, 0, 0), kind=kind, smoothing=smoothing)  # raises, naming the kind
     if weights is not None:

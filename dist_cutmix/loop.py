@@ -101,6 +101,8 @@ class Mixer:
                                  + ', '.join(f'{k}={v!r}' for k, v in named.items()))
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got mode={mode!r}')
+        if spec.pairs and not per_sample:
+            raise ValueError('MixSpec(pairs=True) draws once per pair of samples: pass per_sample=True with it')
         if group is not None and mode != 'global':
             raise ValueError(f"group is only used with mode='global', got mode={mode!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -187,6 +189,8 @@ class Mixer:
         if not isinstance(state, dict) or 'batch' not in state:
             raise ValueError(f'state must be a Mixer.state_dict(), got {state!r}')
         mine = self.state_dict()
+        if isinstance(state.get('spec'), dict):  # a checkpoint from before a MixSpec field existed has its default
+            state = {**state, 'spec': {**_spec_state(MixSpec()), **state['spec']}}
         differ = [k for k in ('mode', 'per_sample', 'exclude_self', 'num_classes', 'spec') if state.get(k) != mine[k]]
         if self.seed is not None and state.get('seed') is not None and state['seed'] != self.seed:
             differ.append('seed')

@@ -90,6 +90,8 @@ def _kind_and_problem(
             F.check_labels(target, num_classes)  # type: ignore[arg-type]
         if kind == 'binary' and mix_target:
             F.validate_binary(target)  # type: ignore[arg-type]
+        if spec.multi_label and mix_target:
+            _check_multi_label(target, kind, num_classes)  # type: ignore[arg-type]
         if spec.label_smoothing and kind in ('binary', 'dense') and mix_target:
             raise ValueError(
                 f'label_smoothing spreads ε over a class axis: it takes index (N,) or soft (N, C) targets, got '
@@ -101,6 +103,19 @@ def _kind_and_problem(
         return kind, None
     except (TypeError, ValueError) as e:
         return None, e
+
+
+def _check_multi_label(target: Tensor, kind: str, num_classes: Optional[int]) -> None:
+    """``multi_label`` mixes multi-hot ``(N, C)`` targets, ``C == num_classes`` where that is given (as timm checks)."""
+    if kind != 'soft':
+        raise ValueError(
+            f'multi_label=True mixes multi-hot targets of shape (N, num_classes), got {kind} targets of shape '
+            f'{tuple(target.shape)}: pass multi_label=False for class indices, or multi-hot rows '
+            f'(torch.nn.functional.one_hot(target, num_classes) for one label a sample)',
+        )
+    if num_classes is not None and target.shape[1] != num_classes:
+        raise ValueError(f'multi_label=True: targets must have num_classes={num_classes} columns, got targets of '
+                         f'shape {tuple(target.shape)}')
 
 
 _BINARY_HINT = {'binary': ' (floating (N,) targets are read as binary probabilities; class indices must be an integer '
@@ -169,9 +184,10 @@ def _mix_targets(target: Tensor, partner: Tensor, params: F.CutMixParams | F.Per
     if isinstance(params, F.PerSampleParams):
         return F.mix_targets_per_sample(target, partner, params.lam, params.boxes if boxes is None else boxes,
                                         kind=kind, num_classes=num_classes, validate=False,
-                                        smoothing=spec.label_smoothing, weights=params.weights)
+                                        smoothing=spec.label_smoothing, weights=params.weights,
+                                        multi_label=spec.multi_label)
     return F.mix_targets(target, partner, params.lam, params.box, kind=kind, num_classes=num_classes, validate=False,
-                         smoothing=spec.label_smoothing, weight=params.weight)
+                         smoothing=spec.label_smoothing, weight=params.weight, multi_label=spec.multi_label)
 
 
 def _signature(input: Tensor, target: Tensor, kind: str, num_classes: Optional[int], batch: int) -> str:

@@ -47,6 +47,15 @@ class MixSpec:
         mixup_fold: MixUp's partner weight is ``min(z, 1 - z)``, ``z ~ Beta``, so the own label stays
             the main one (Composer's ``MixUp``); ``False`` takes ``1 - z`` as timm does.
         label_smoothing: ``ε``: soft targets become ``(1 - ε) * mixed + ε / C``.
+        correct_lam: a CutMix sample's λ is its clipped box's exact pixel share (timm's ``correct_lam=True``);
+            ``False`` keeps the drawn λ for the label however the box was clipped (timm's ``correct_lam=False``).
+            A ``cutmix_minmax`` box has no drawn λ: its λ is always the box's.
+        multi_label: targets are multi-hot ``(N, C)``, every class its own binary label (timm's
+            ``multi_label``): smoothing moves each entry toward 1/2, ``(1 - ε) * mixed + ε / 2``, and
+            index targets are refused.
+        pairs: partners form pairs (a random perfect matching over the batch, each the other's partner) and
+            both members of a pair share one draw (timm's ``mode='pair'``); in an odd batch one sample is left
+            unmixed. Needs ``per_sample=True``.
     """
 
     cutmix_alpha: float = 1.0
@@ -57,8 +66,14 @@ class MixSpec:
     uniform_sampling: bool = False
     mixup_fold: bool = False
     label_smoothing: float = 0.0
+    correct_lam: bool = True
+    multi_label: bool = False
+    pairs: bool = False
 
     def __post_init__(self) -> None:
+        for name in ('correct_lam', 'multi_label', 'pairs'):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f'{name} must be True or False, got {name}={getattr(self, name)!r}')
         for name in ('cutmix_alpha', 'mixup_alpha'):
             value = getattr(self, name)
             try:
@@ -93,7 +108,8 @@ class MixSpec:
     @property
     def is_plain_cutmix(self) -> bool:
         """Every batch a CutMix box from λ: the draw of :func:`~dist_cutmix.functional.sample_params`."""
-        return (self.mixup_alpha == 0 and self.prob == 1 and self.cutmix_minmax is None)
+        return (self.mixup_alpha == 0 and self.prob == 1 and self.cutmix_minmax is None and self.correct_lam
+                and not self.pairs)
 
     @property
     def mixes(self) -> bool:
@@ -165,13 +181,21 @@ def sample_mix(
     Returns:
         :class:`~dist_cutmix.functional.CutMixParams` (one region and weight for the batch) or
         :class:`~dist_cutmix.functional.PerSampleParams` (one per sample). ``lam`` is each sample's
-        kept share, ``1 - weight * area / (H * W)``: for MixUp on the ``2**-10`` label grid.
+        kept share, ``1 - weight * area / (H * W)``: for MixUp on the ``2**-10`` label grid; for CutMix with
+        ``spec.correct_lam=False``, the drawn λ instead.
+
+    Raises:
+        ValueError: for ``spec.pairs`` without ``per_sample``.
     """
+    if spec.pairs and not per_sample:
+        raise ValueError('MixSpec(pairs=True) gives each pair its own draw: it needs per_sample=True (timm\'s '
+                         "mode='pair'); a batch-wide draw takes partners from a permutation")
     if spec.is_plain_cutmix:  # Composer's CutMix: keep exactly its established draw
         draw = F.sample_params_per_sample if per_sample else F.sample_params
         return draw(n, height, width, alpha=spec.cutmix_alpha, uniform_sampling=spec.uniform_sampling,
                     exclude_self=exclude_self, generator=generator)
-    indices = F.sample_partners(n, exclude_self=exclude_self, generator=generator)
+    indices = F.sample_pairs(n, generator=generator) if spec.pairs \
+        else F.sample_partners(n, exclude_self=exclude_self, generator=generator)
     count = n if per_sample else 1
     u = torch.rand(2, count, dtype=torch.float64, generator=generator, device='cpu')
     mixed = u[0] < spec.prob
@@ -194,7 +218,16 @@ def sample_mix(
     full = torch.tensor([0, height, 0, width], device='cpu')
     boxes = torch.where(use_mixup[:, None] & (weight > 0)[:, None], full, boxes)
     weight = torch.where(use_cutmix, torch.ones_like(weight), weight)
+    if spec.pairs:  # both members of a pair take the draw of its lower index; the odd one out stays unmixed
+        own = torch.arange(n, device='cpu')
+        alone = indices == own
+        first = torch.minimum(own, indices)
+        boxes = boxes[first].masked_fill(alone[:, None], 0)
+        weight = weight[first].masked_fill(alone, 0.0)
+        use_cutmix, nominal = use_cutmix[first] & ~alone, nominal[first]
     lam = 1.0 - weight * F.box_areas(boxes).double() / max(height * width, 1)
+    if not spec.correct_lam and spec.cutmix_minmax is None:  # timm: the label keeps the drawn λ, clipped or not
+        lam = torch.where(use_cutmix, nominal, lam)
     if per_sample:
         return F.PerSampleParams(boxes=boxes, lam=lam, indices=indices, weights=weight)
     box = tuple(int(v) for v in boxes[0])
