@@ -19,7 +19,7 @@ from dist_cutmix.loop import MODES as POOLS
 from dist_cutmix.loop import Mixer
 from dist_cutmix.spec import MixSpec
 
-__all__ = ['MODES', 'POOLS', 'Mixup']
+__all__ = ['MODES', 'POOLS', 'FastCollateMixup', 'Mixup']
 
 MODES = ('batch', 'pair', 'elem')
 """timm's ``mode``: one draw per batch, per pair of samples, or per sample."""
@@ -108,8 +108,7 @@ class Mixup:
             raise ValueError(f'pool must be one of {POOLS}, got pool={pool!r}')
         if group is not None and pool != 'global':
             raise ValueError(f"group is only used with pool='global', got pool={pool!r}")
-        spec = MixSpec(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                       cutmix_minmax=None if cutmix_minmax is None else tuple(cutmix_minmax),  # type: ignore[arg-type]
+        spec = MixSpec(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax,  # type: ignore[arg-type]
                        prob=prob, switch_prob=switch_prob, label_smoothing=label_smoothing, correct_lam=correct_lam,
                        multi_label=multi_label, pairs=mode == 'pair')
         if spec.mixup_alpha == 0 and spec.cutmix_alpha == 0:
@@ -189,3 +188,19 @@ class Mixup:
                 f'mode={self._mode!r}, correct_lam={spec.correct_lam}, label_smoothing={spec.label_smoothing}, '
                 f'num_classes={self.mixer.num_classes}, multi_label={spec.multi_label}, pool={self.mixer.mode!r}, '
                 f'seed={self.mixer.seed}, batch={self.mixer.batch}, mixup_enabled={self.mixer.enabled})')
+
+
+class FastCollateMixup:
+    """timm's collate-time ``FastCollateMixup`` has no cross-rank form: building one raises, naming what to use.
+
+    It mixes in the DataLoader's collate function, in worker processes that have no process group. Import it from
+    here together with :class:`Mixup` and a ``train.py`` left on timm's default prefetcher (which builds this one
+    and never calls ``Mixup``) stops with that advice instead of quietly mixing within each rank.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            'FastCollateMixup mixes in the DataLoader\'s collate function, in worker processes that have no process '
+            'group, so it cannot mix across ranks: use dist_cutmix.timm.Mixup on each batch once it is on the device '
+            '(timm\'s train.py: run with --no-prefetcher, which builds mixup_fn = Mixup(...) instead)',
+        )

@@ -27,7 +27,7 @@ import torch
 import dist_cutmix.mixer
 from dist_cutmix import MixSpec
 from dist_cutmix import functional as F
-from dist_cutmix.timm import Mixup
+from dist_cutmix.timm import FastCollateMixup, Mixup
 from tests.spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -366,6 +366,10 @@ def test_every_refusal_names_what_to_use() -> None:
         mixup_fn.mode = 'elem'
     with pytest.raises(ValueError, match=r'batch must be an int >= 0 .*got batch=-1'):
         mixup_fn.batch = -1
+    with pytest.raises(NotImplementedError, match=r'cannot mix across ranks: use dist_cutmix.timm.Mixup .*prefetcher'):
+        FastCollateMixup(mixup_alpha=0.8, num_classes=K)
+    with pytest.raises(ValueError, match=r'cutmix_minmax must be \(lo, hi\) .* got cutmix_minmax=0.5'):
+        Mixup(cutmix_minmax=0.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r'index targets must lie in \[0, num_classes=7\), got values in \[0, 9\]'):
         Mixup(num_classes=K, seed=0)(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 9]))
 
