@@ -59,9 +59,18 @@ def _check_torchvision(ns: dict) -> None:
     assert ns['mixup_cutmix'].mixer.batch == 4 and ns['state']['_extra_state']['batch'] == 4
 
 
+def _check_timm(ns: dict) -> None:
+    # the page's odd batch mixed into soft rows; the resumed door took the count, seed and switch
+    target, resumed, mixup_fn = ns['target'], ns['resumed'], ns['mixup_fn']
+    assert target.shape == (7, 10) and bool((target.max(dim=1).values < 0.91).any())
+    assert (resumed.batch, resumed.mixer.seed, resumed.mixup_enabled) == (1, 42, False)
+    assert resumed.state_dict() == mixup_fn.state_dict()
+
+
 # Pages that must hold Python blocks, and what their blocks must leave behind.
 CHECKS = {'README.md': _check_readme, 'docs/metrics.md': _check_metrics, 'docs/design.md': lambda ns: None,
-          'docs/plain_pytorch.md': _check_plain_pytorch, 'docs/torchvision.md': _check_torchvision}
+          'docs/plain_pytorch.md': _check_plain_pytorch, 'docs/torchvision.md': _check_torchvision,
+          'docs/timm.md': _check_timm}
 
 
 def test_every_checked_page_exists():
