@@ -136,13 +136,20 @@ class AcceleratedMixer(Mixer):
         Raises:
             TypeError: for a loader that ``accelerator.prepare`` did not return, or one without a length.
             ValueError: on every process, before any batch: for a loader whose order a mid-epoch resume cannot
-                reproduce (naming the setting and the fix); for processes whose loaders have different lengths
-                in ``'global'`` or ``'node'`` mode (each would wait for the others in a collective); for a
-                checkpoint written by a different number of processes (the epoch's batches differ).
+                reproduce (naming the setting and the fix), or a ``StatefulDataLoader``; for processes whose
+                loaders have different lengths in ``'global'`` or ``'node'`` mode (each would wait for the others
+                in a collective); for a checkpoint written by a different number of processes (the epoch's batches
+                differ).
         """
         if not isinstance(loader, (DataLoaderShard, DataLoaderDispatcher)):
             raise TypeError(f'resume() takes the loader that accelerator.prepare returned (it positions it by epoch '
                             f'and skips batches the Accelerate way), got {type(loader).__name__}')
+        if getattr(loader, 'use_stateful_dataloader', False):
+            # load_state gives a StatefulDataLoader its position back itself, and Accelerate says not to use
+            # skip_first_batches on one: skipping here would skip twice. Not supported (nor tested: needs torchdata).
+            raise ValueError('resume() positions the loader with skip_first_batches, which Accelerate says not to use '
+                             'with DataLoaderConfiguration(use_stateful_dataloader=True); use a seedable sampler '
+                             '(use_seedable_sampler=True) without the stateful loader')
         problem = _order_problem(loader, self.accelerator.num_processes)
         if problem:
             raise ValueError(f'a run with this loader cannot resume mid-epoch in its own data order, so a resumed '
@@ -158,7 +165,7 @@ class AcceleratedMixer(Mixer):
         world = self.accelerator.num_processes
         if self.batch and self._checkpoint_world_size not in (None, world):
             raise ValueError(f'the checkpoint was written by {self._checkpoint_world_size} processes and this run has '
-                             f'{world}: each process loader has another number of batches per epoch, so batch '
+                             f'{world}: each process\'s loader has another number of batches per epoch, so batch '
                              f'{self.batch} does not name the same place in the data; resume on '
                              f'{self._checkpoint_world_size} processes')
         epoch, done = divmod(self.batch, length)
