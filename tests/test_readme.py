@@ -22,6 +22,7 @@ SETUP_COMMANDS = (
     "&& .venv-core/bin/python -m pytest -n 2 -q",
 )
 HAS_COMPOSER = importlib.util.find_spec('composer') is not None
+HAS_ACCELERATE = importlib.util.find_spec('accelerate') is not None
 # A launch/ script's command line: after `python`, `composer -n N` or `torchrun --nproc_per_node N`.
 LAUNCH_COMMAND = r'(?:python|-n \d+|--nproc_per_node[ =]\d+) launch/(\w+)\.py([^`\n#&]*)'
 
@@ -43,6 +44,14 @@ def _check_metrics(ns: dict) -> None:
     preds, target = ns['preds'], ns['target']
     assert ns['MulticlassAccuracy'](num_classes=4, average='micro')(preds, target).item() == 0.0
     assert ns['SoftTargetAccuracy'](num_classes=4)(preds, target).item() == pytest.approx(0.425)
+
+
+def _check_accelerate(ns: dict) -> None:
+    # two epochs of 8 batches mixed (soft targets), kept by save_state, and resume() placed after them
+    mixer = ns['mixer']
+    assert mixer.batch == 16 and mixer.state_dict()['world_size'] == 1 and ns['start'] == 2
+    assert ns['y'].shape == (8, 4) and bool((ns['y'].max(dim=1).values < 1).any())
+    assert 0 <= float(ns['accuracy'].compute()) <= 1
 
 
 def _check_plain_pytorch(ns: dict) -> None:
@@ -70,7 +79,7 @@ def _check_timm(ns: dict) -> None:
 # Pages that must hold Python blocks, and what their blocks must leave behind.
 CHECKS = {'README.md': _check_readme, 'docs/metrics.md': _check_metrics, 'docs/design.md': lambda ns: None,
           'docs/plain_pytorch.md': _check_plain_pytorch, 'docs/torchvision.md': _check_torchvision,
-          'docs/timm.md': _check_timm}
+          'docs/timm.md': _check_timm, 'docs/accelerate.md': _check_accelerate}
 
 
 def test_every_checked_page_exists():
@@ -88,6 +97,9 @@ def test_python_blocks_run(page):
                       rf'|\bdist_cutmix\.{algorithms}')
     if not HAS_COMPOSER and re.search(needs_composer, ''.join(blocks), flags=re.M):
         pytest.skip('needs the composer extra')
+    if not HAS_ACCELERATE and re.search(r'^\s*(from|import) (accelerate|dist_cutmix\.accelerate)\b', ''.join(blocks),
+                                        flags=re.M):
+        pytest.skip('needs the accelerate extra')
     namespace: dict = {}
     with warnings.catch_warnings():
         # A reader running the examples must not meet Composer's soft cross-entropy warning.
