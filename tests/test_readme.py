@@ -22,6 +22,7 @@ SETUP_COMMANDS = (
     "&& .venv-core/bin/python -m pytest -n 2 -q",
 )
 HAS_COMPOSER = importlib.util.find_spec('composer') is not None
+HAS_LIGHTNING = importlib.util.find_spec('lightning') is not None
 # A launch/ script's command line: after `python`, `composer -n N` or `torchrun --nproc_per_node N`.
 LAUNCH_COMMAND = r'(?:python|-n \d+|--nproc_per_node[ =]\d+) launch/(\w+)\.py([^`\n#&]*)'
 
@@ -53,9 +54,15 @@ def _check_plain_pytorch(ns: dict) -> None:
     assert target.sum(dim=1).tolist() == [1.0] * 8
 
 
+def _check_lightning(ns: dict) -> None:
+    # two epochs of 8 batches, each mixed and counted (one optimizer step each), and the true accuracy logged
+    assert ns['mixing'].mixer.batch == 16 and ns['trainer'].global_step == 16
+    assert 0 <= float(ns['trainer'].callback_metrics['mix/train_accuracy_epoch']) <= 1
+
+
 # Pages that must hold Python blocks, and what their blocks must leave behind.
 CHECKS = {'README.md': _check_readme, 'docs/metrics.md': _check_metrics, 'docs/design.md': lambda ns: None,
-          'docs/plain_pytorch.md': _check_plain_pytorch}
+          'docs/plain_pytorch.md': _check_plain_pytorch, 'docs/lightning.md': _check_lightning}
 
 
 def test_every_checked_page_exists():
@@ -63,13 +70,18 @@ def test_every_checked_page_exists():
 
 
 @pytest.mark.parametrize('page', PAGES, ids=_name)
-def test_python_blocks_run(page):
+def test_python_blocks_run(page, tmp_path, monkeypatch):
     blocks = _python_blocks(page)
     if _name(page) in CHECKS:
         assert blocks, f'{_name(page)} has no python block'
     needs_composer = r'^\s*(from|import) composer\b|\b(CutMix|MixUp|MixUpCutMix|MixingAlgorithm)\('
     if not HAS_COMPOSER and re.search(needs_composer, ''.join(blocks), flags=re.M):
         pytest.skip('needs the composer extra')
+    if not HAS_LIGHTNING and re.search(r'^\s*(from|import) (lightning|dist_cutmix\.lightning)\b|\blightning\.pytorch\b',
+                                       ''.join(blocks), flags=re.M):
+        pytest.skip('needs the lightning extra')
+    monkeypatch.chdir(tmp_path)  # what a block writes (Lightning's logs and checkpoints) lands in the test's folder
+    monkeypatch.delenv('PL_GLOBAL_SEED', raising=False)  # seed_everything sets it for the process
     namespace: dict = {}
     with warnings.catch_warnings():
         # A reader running the examples must not meet Composer's soft cross-entropy warning.
