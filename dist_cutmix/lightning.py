@@ -28,6 +28,7 @@ images. The optional extra: ``pip install 'dist_cutmix[lightning]'``.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Iterator, MutableMapping, MutableSequence
 from typing import Any, Callable, Optional, Union
@@ -145,6 +146,7 @@ class MixCallback(pl.Callback):
                 self._guard(name, metric)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_batch_counts(trainer, pl_module)
         if self._restored is None:
             return
         epoch, done = self._restored
@@ -229,6 +231,30 @@ class MixCallback(pl.Callback):
         self._position = self._restored = (int(state_dict['epoch']), int(state_dict['batches_in_epoch']))
 
     # ------------------------------------------------------------------ pieces
+
+    def _check_batch_counts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise on every rank, before the first batch, when the ranks' epochs have different batch counts.
+
+        A rank that mixes a batch the others never reach would wait in the mixing collective until the process
+        group's timeout (measured: 60 s, then gloo's 'Connection closed by peer', naming no batch).
+        """
+        if self.mixer.mode == 'local' or trainer.world_size == 1:
+            return
+        n = trainer.num_training_batches
+        mine = torch.tensor(-1 if math.isinf(n) else int(n), dtype=torch.int64, device=pl_module.device)
+        counts = [int(c) for c in trainer.strategy.all_gather(mine).flatten().tolist()]
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"MixCallback(mode={self.mixer.mode!r}) mixes each batch in one collective over the ranks, so every "
+                f"rank must train the same number of batches an epoch, but the ranks' train loaders give "
+                + ', '.join(f'rank {r}: {"unknown" if c < 0 else c}' for r, c in enumerate(counts))
+                + ". Lightning's DistributedSampler (use_distributed_sampler=True, the default) and "
+                "ResumableDataLoader give every rank the same count; so do equal per-rank datasets.")
+        if counts[0] < 0:
+            rank_zero_warn(
+                f"MixCallback(mode={self.mixer.mode!r}): the train loaders have no length, so it cannot check that "
+                f"every rank trains the same number of batches; a rank that mixes a batch the others never reach "
+                f"waits in the mixing collective until the process group's timeout.")
 
     def _check_position(self, trainer: pl.Trainer, batch_idx: int) -> None:
         """Raise unless every ResumableDataLoader has yielded exactly Lightning's batch ``batch_idx`` of this epoch."""

@@ -147,6 +147,9 @@ def test_two_ddp_ranks_mix_and_train_as_one_process_on_the_concatenated_batch(st
             _equal_batches(resumed['raw'], got['raw'][DDP_RESUME_STEP:])
             _equal_batches(resumed['mixed'], got['mixed'][DDP_RESUME_STEP:])
             _equal_weights(resumed['weights'], got['weights'])
+            # ranks whose loaders give 4 and 3 batches: refused on both, naming each count, before any batch
+            refused = (tmp_path / f'uneven_rank{r}.txt').read_text()
+            assert 'rank 0: 4, rank 1: 3' in refused and refused.endswith('mixed 0'), refused
 
 
 # ----------------------------------------------------------------------------- resume

@@ -7,6 +7,7 @@ checkpoint. Every rank writes what it saw to ``OUT/<tag>_rank<r>.pt`` (:class:`R
 """
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from dist_cutmix.lightning import MixCallback, ResumableDataLoader
 
@@ -112,20 +113,33 @@ def make_run(*, callbacks: tuple = (), save_to: Optional[str] = None, mixing: Op
     return trainer, model, record, mixing
 
 
+def _ddp() -> DDPStrategy:
+    # the timeout covers the rendezvous too: rank 1 imports Lightning first (20 s on a loaded 2-core machine)
+    return DDPStrategy(timeout=timedelta(seconds=120))
+
+
 def main(argv: list[str]) -> None:
     strategy, out = argv[0], Path(argv[1])
-    ddp = DDPStrategy(timeout=timedelta(seconds=60)) if strategy == 'ddp' else DDPStrategy(
-        start_method='spawn', timeout=timedelta(seconds=60))
+    ddp = _ddp() if strategy == 'ddp' else DDPStrategy(start_method='spawn', timeout=timedelta(seconds=120))
     loader = ResumableDataLoader(dataset(DDP_SAMPLES), batch_size=DDP_BATCH, shuffle=True)
     every_step = ModelCheckpoint(dirpath=out / 'ckpt', filename='{step}', every_n_train_steps=1, save_top_k=-1)
     trainer, model, _, _ = make_run(callbacks=(every_step,), save_to=str(out / 'full'), strategy=ddp, devices=2,
                                     max_epochs=DDP_EPOCHS)
     trainer.fit(model, loader)
-    if strategy == 'ddp':  # the same two ranks resume from a checkpoint inside epoch 1
-        trainer, model, _, _ = make_run(save_to=str(out / 'resumed'), strategy=DDPStrategy(
-            timeout=timedelta(seconds=60)), devices=2, max_epochs=DDP_EPOCHS)
-        loader = ResumableDataLoader(dataset(DDP_SAMPLES), batch_size=DDP_BATCH, shuffle=True)
-        trainer.fit(model, loader, ckpt_path=str(out / 'ckpt' / f'step={DDP_RESUME_STEP}.ckpt'))
+    if strategy != 'ddp':
+        return
+    # the same two ranks resume from a checkpoint inside epoch 1
+    trainer, model, _, _ = make_run(save_to=str(out / 'resumed'), strategy=_ddp(), devices=2, max_epochs=DDP_EPOCHS)
+    loader = ResumableDataLoader(dataset(DDP_SAMPLES), batch_size=DDP_BATCH, shuffle=True)
+    trainer.fit(model, loader, ckpt_path=str(out / 'ckpt' / f'step={DDP_RESUME_STEP}.ckpt'))
+    # ranks whose loaders differ in length (4 and 3 batches) are refused before the first batch
+    trainer, model, _, _ = make_run(strategy=_ddp(), devices=2, use_distributed_sampler=False)
+    rank = int(os.environ['LOCAL_RANK'])  # set on both ranks since the first fit
+    uneven = DataLoader(dataset((4 if rank == 0 else 3) * DDP_BATCH), batch_size=DDP_BATCH)
+    try:
+        trainer.fit(model, uneven)
+    except ValueError as e:
+        (out / f'uneven_rank{rank}.txt').write_text(f'{e}\nmixed {len(model.mixed)}')
 
 
 if __name__ == '__main__':
