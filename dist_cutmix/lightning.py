@@ -153,6 +153,14 @@ class MixCallback(pl.Callback):
         loaders = _flatten(trainer.train_dataloader)
         if 0 < done < trainer.num_training_batches:
             blind = [type(dl).__name__ for dl in loaders if not _has_state(dl)]
+            lost = [dl for dl in loaders if isinstance(dl, ResumableDataLoader) and dl.resume_at != (epoch, done)]
+            if lost:
+                raise RuntimeError(
+                    f'MixCallback: this run resumes from a checkpoint taken after batch {done} of epoch {epoch}, but '
+                    f'the checkpoint restored the ResumableDataLoader to {lost[0].resume_at} (None: no position; the '
+                    f'checkpoint was taken with another loader), so its batches would not be the ones the restored '
+                    f'draws belong to. Resume from a checkpoint taken with the ResumableDataLoader, or at the end of '
+                    f'an epoch.')
             if blind:
                 raise RuntimeError(
                     f'MixCallback: this run resumes from a checkpoint taken after batch {done} of epoch {epoch}, and '
@@ -441,6 +449,11 @@ class ResumableDataLoader(DataLoader):
                          **kwargs)
         self._resume: Optional[dict[str, Any]] = None
         self._epoch, self._yielded = 0, 0
+
+    @property
+    def resume_at(self) -> Optional[tuple[int, int]]:
+        """``(epoch, batches)`` restored by :meth:`load_state_dict` and not yet resumed from, else ``None``."""
+        return None if self._resume is None else (self._resume['epoch'], self._resume['batches'])
 
     @property
     def position(self) -> tuple[int, int]:

@@ -194,6 +194,12 @@ def test_a_plain_dataloader_is_refused_a_mid_epoch_resume_before_the_first_batch
     with pytest.raises(RuntimeError, match=r'after batch 2 of epoch 1.*DataLoader\) cannot resume inside an epoch'):
         trainer.fit(model, plain, ckpt_path=str(tmp_path / 'step=6.ckpt'))
     assert model.mixed == [] and record.raw == []  # nothing was mixed or trained
+    # ... nor with a ResumableDataLoader: the plain loader's checkpoint holds no position for it
+    trainer, model, record, _ = make_run(max_epochs=2)
+    with pytest.raises(RuntimeError, match=r'restored the ResumableDataLoader to None'):
+        trainer.fit(model, ResumableDataLoader(dataset(SAMPLES), batch_size=BATCH),
+                    ckpt_path=str(tmp_path / 'step=6.ckpt'))
+    assert model.mixed == [] and record.raw == []
     # at an epoch end it may resume, with a warning: a shuffled plain loader's order comes from the global RNG
     trainer, model, _, _ = make_run(max_epochs=2)
     with pytest.warns(UserWarning, match='data order of the resumed epochs will differ.*RandomSampler'):
