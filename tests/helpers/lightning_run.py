@@ -123,10 +123,11 @@ def main(argv: list[str]) -> None:
     ddp = _ddp() if strategy == 'ddp' else DDPStrategy(start_method='spawn', timeout=timedelta(seconds=120))
     loader = ResumableDataLoader(dataset(DDP_SAMPLES), batch_size=DDP_BATCH, shuffle=True)
     every_step = ModelCheckpoint(dirpath=out / 'ckpt', filename='{step}', every_n_train_steps=1, save_top_k=-1)
-    trainer, model, _, _ = make_run(callbacks=(every_step,), save_to=str(out / 'full'), strategy=ddp, devices=2,
-                                    max_epochs=DDP_EPOCHS)
+    trainer, model, _, mixing = make_run(callbacks=(every_step,), save_to=str(out / 'full'), strategy=ddp, devices=2,
+                                         max_epochs=DDP_EPOCHS)
     trainer.fit(model, loader)
-    if strategy != 'ddp':
+    if strategy != 'ddp':  # the launching process: ddp_spawn trained copies of its callback, not the callback
+        (out / 'launcher.txt').write_text(f'mixer.batch {mixing.mixer.batch}')
         return
     # the same two ranks resume from a checkpoint inside epoch 1
     trainer, model, _, _ = make_run(save_to=str(out / 'resumed'), strategy=_ddp(), devices=2, max_epochs=DDP_EPOCHS)
