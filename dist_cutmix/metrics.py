@@ -392,7 +392,7 @@ _CLASSIFICATION_METRICS: tuple[type, ...] = tuple(
     if isinstance(cls := getattr(tm_classification, name, None), type) and issubclass(cls, Metric))
 
 
-def _is_stock_classification(metric: object) -> bool:
+def is_stock_classification(metric: object) -> bool:
     """True for a torchmetrics classification metric that would misread soft targets."""
     if isinstance(metric, (SoftTargetAccuracy, SoftTargetWrapper)):
         return False
@@ -457,7 +457,7 @@ def prepare_train_metrics(
         return {}
     if kind == 'dense':
         return dict(metrics)
-    stock = {key: metric for key, metric in metrics.items() if _is_stock_classification(metric)}
+    stock = {key: metric for key, metric in metrics.items() if is_stock_classification(metric)}
     multilabel = [f'{key!r} ({type(m).__name__})' for key, m in stock.items() if _is_multilabel(m)]
     if multilabel:
         raise ValueError(

@@ -35,7 +35,7 @@ from torch import Tensor
 if __package__ in (None, ''):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_cutmix.functional import CutMixParams, sample_params  # noqa: E402
+from dist_cutmix import MixParams, sample_params  # noqa: E402
 from dist_cutmix.randomness import batch_generator  # noqa: E402
 
 __all__ = ['build_parser', 'main', 'markdown', 'rank_stats', 'scaling_rows', 'send_count_matrix', 'send_ranks']
@@ -82,7 +82,7 @@ def rank_stats(perm: Tensor, sizes: Sequence[int]) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
-def _draw(n: int, height: int, width: int, seed: int, batch: int, first: int, alpha: float) -> CutMixParams:
+def _draw(n: int, height: int, width: int, seed: int, batch: int, first: int, alpha: float) -> MixParams:
     """The draw of the group whose lowest rank is ``first``, as ``mix_batch_across_group`` makes it.
 
     It does not depend on the world size, so node draws are shared between world sizes (cached).

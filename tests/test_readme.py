@@ -23,6 +23,7 @@ SETUP_COMMANDS = (
 )
 HAS_COMPOSER = importlib.util.find_spec('composer') is not None
 HAS_ACCELERATE = importlib.util.find_spec('accelerate') is not None
+HAS_LIGHTNING = importlib.util.find_spec('lightning') is not None
 # A launch/ script's command line: after `python`, `composer -n N` or `torchrun --nproc_per_node N`.
 LAUNCH_COMMAND = r'(?:python|-n \d+|--nproc_per_node[ =]\d+) launch/(\w+)\.py([^`\n#&]*)'
 
@@ -76,10 +77,17 @@ def _check_timm(ns: dict) -> None:
     assert resumed.state_dict() == mixup_fn.state_dict()
 
 
+def _check_lightning(ns: dict) -> None:
+    # two epochs of 8 batches, each mixed and counted (one optimizer step each), and the true accuracy logged
+    assert ns['mixing'].mixer.batch == 16 and ns['trainer'].global_step == 16
+    assert 0 <= float(ns['trainer'].callback_metrics['mix/train_accuracy_epoch']) <= 1
+
+
 # Pages that must hold Python blocks, and what their blocks must leave behind.
 CHECKS = {'README.md': _check_readme, 'docs/metrics.md': _check_metrics, 'docs/design.md': lambda ns: None,
           'docs/plain_pytorch.md': _check_plain_pytorch, 'docs/torchvision.md': _check_torchvision,
-          'docs/timm.md': _check_timm, 'docs/accelerate.md': _check_accelerate}
+          'docs/timm.md': _check_timm, 'docs/accelerate.md': _check_accelerate,
+          'docs/lightning.md': _check_lightning}
 
 
 def test_every_checked_page_exists():
@@ -87,7 +95,7 @@ def test_every_checked_page_exists():
 
 
 @pytest.mark.parametrize('page', PAGES, ids=_name)
-def test_python_blocks_run(page):
+def test_python_blocks_run(page, tmp_path, monkeypatch):
     blocks = _python_blocks(page)
     if _name(page) in CHECKS:
         assert blocks, f'{_name(page)} has no python block'
@@ -100,6 +108,11 @@ def test_python_blocks_run(page):
     if not HAS_ACCELERATE and re.search(r'^\s*(from|import) (accelerate|dist_cutmix\.accelerate)\b', ''.join(blocks),
                                         flags=re.M):
         pytest.skip('needs the accelerate extra')
+    if not HAS_LIGHTNING and re.search(r'^\s*(from|import) (lightning|dist_cutmix\.lightning)\b|\blightning\.pytorch\b',
+                                       ''.join(blocks), flags=re.M):
+        pytest.skip('needs the lightning extra')
+    monkeypatch.chdir(tmp_path)  # what a block writes (Lightning's logs and checkpoints) lands in the test's folder
+    monkeypatch.delenv('PL_GLOBAL_SEED', raising=False)  # seed_everything sets it for the process
     namespace: dict = {}
     with warnings.catch_warnings():
         # A reader running the examples must not meet Composer's soft cross-entropy warning.

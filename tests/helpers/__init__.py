@@ -1,0 +1,1 @@
+"""Helpers the tests import or run as scripts (not tests themselves)."""
