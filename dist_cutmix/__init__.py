@@ -21,6 +21,7 @@ from dist_cutmix.functional import (
     sample_params,
 )
 from dist_cutmix.loop import Mixer
+from dist_cutmix.loss import MixedCrossEntropy, MixedLabels, mixed_cross_entropy
 from dist_cutmix.metrics import SoftTargetAccuracy, SoftTargetWrapper, prepare_train_metrics, soft_target_accuracy
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.randomness import batch_generator
@@ -47,6 +48,8 @@ __all__ = [
     'CutMixParams',
     'MixResult',
     'MixSpec',
+    'MixedCrossEntropy',
+    'MixedLabels',
     'Mixer',
     'SoftTargetAccuracy',
     'SoftTargetWrapper',
@@ -57,6 +60,7 @@ __all__ = [
     'mix_batch_across_group',
     'mix_batch_local',
     'mix_targets',
+    'mixed_cross_entropy',
     'mixup_batch',
     'prepare_train_metrics',
     'sample_mix',

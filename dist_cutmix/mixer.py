@@ -84,9 +84,9 @@ def _kind_and_problem(
     try:
         F.validate_input(input)
         kind = F.validate_target(target, input)  # type: ignore[arg-type]
-        if kind == 'index' and mix_target:
-            if num_classes is None:
-                raise ValueError('num_classes is required to mix index targets, got num_classes=None')
+        if kind == 'index' and mix_target and num_classes is None:
+            raise ValueError('num_classes is required to mix index targets, got num_classes=None')
+        if kind == 'index' and num_classes is not None:  # unmixed labels too (Mixer(targets='labels') returns them)
             F.check_labels(target, num_classes)  # type: ignore[arg-type]
         if kind == 'binary' and mix_target:
             F.validate_binary(target)  # type: ignore[arg-type]
