@@ -161,10 +161,20 @@ class MixedLabels:
         Raises:
             ValueError: naming the field and the values found.
         """
+        self._check(self.classes(), num_classes)
+
+    def classes(self) -> Tensor:
+        """Own and partner class side by side, ``(N, 2)``."""
+        return torch.stack([self.target, self.partner_target], dim=1)
+
+    def _check(self, classes: Tensor, num_classes: int) -> None:
+        """:meth:`check`, given :meth:`classes`."""
         if not len(self):
             return
-        extremes = [v.double() for t in (self.target, self.partner_target, self.lam) for v in torch.aminmax(t)]
-        low_y, high_y, low_p, high_p, low_l, high_l = torch.stack(extremes).tolist()  # one copy to the host
+        bounds = torch.aminmax(classes, dim=0)
+        lam = torch.stack(torch.aminmax(self.lam)).to(torch.float64)
+        extremes = torch.cat([bounds.min, bounds.max, lam])  # cat promotes the class indices to float64
+        low_y, low_p, high_y, high_p, low_l, high_l = extremes.tolist()  # one copy to the host
         for name, low, high in (('target', low_y, high_y), ('partner_target', low_p, high_p)):
             if low < 0 or high >= num_classes:
                 raise ValueError(f'MixedLabels.{name} must lie in [0, num_classes={num_classes}), got values in '
@@ -211,47 +221,45 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _MixedCrossEntropy(torch.autograd.Function):
-    """Per-sample cross entropy against ``own_w·onehot(own) + partner_w·onehot(partner) + smoothing / C``.
+    """Per-sample cross entropy against ``Σ_j weights[:, j]·onehot(classes[:, j]) + smoothing / C``.
 
-    Saves the ``(N, C)`` log-probabilities (as ``F.cross_entropy`` does) and computes the gradient
-    ``g·(p·Σ_c w_c t_c - w ⊙ t)`` in place in one ``(N, C)`` buffer.
+    ``classes`` and ``weights`` are ``(N, 2)``: own and partner class, and their shares. Saves the ``(N, C)``
+    log-probabilities (as ``F.cross_entropy`` does) and computes the gradient ``g·(p·Σ_c w_c t_c - w ⊙ t)`` in
+    place in one ``(N, C)`` buffer.
     """
 
     @staticmethod
-    def forward(ctx: Any, input: Tensor, own: Tensor, partner: Tensor, own_w: Tensor, partner_w: Tensor,
-                smoothing: float, weight: Optional[Tensor]) -> Tensor:
-        log_p = torch.log_softmax(input, dim=1, dtype=own_w.dtype)
-        c = input.shape[1]
+    def forward(ctx: Any, input: Tensor, classes: Tensor, weights: Tensor, smoothing: float,
+                weight: Optional[Tensor]) -> Tensor:
+        log_p = torch.log_softmax(input, dim=1, dtype=weights.dtype)
         if weight is not None:  # w_c·t_c: the class weight scales each label's share
-            own_w = own_w * weight[own]
-            partner_w = partner_w * weight[partner]
-        loss = -(own_w * log_p.gather(1, own.unsqueeze(1)).squeeze(1)
-                 + partner_w * log_p.gather(1, partner.unsqueeze(1)).squeeze(1))
+            weights = weights * weight[classes]
+        loss = (log_p.gather(1, classes) * weights).sum(dim=1)
         if smoothing:
-            loss = loss - (smoothing * log_p.mean(1) if weight is None else (smoothing / c) * (log_p @ weight))
-        ctx.save_for_backward(log_p, own, partner, own_w, partner_w, weight)
+            loss = loss.add_(log_p.mean(dim=1) if weight is None else (log_p @ weight) / input.shape[1],
+                             alpha=smoothing)
+        ctx.save_for_backward(log_p, classes, weights, weight)
         ctx.smoothing = smoothing
         ctx.input_dtype = input.dtype
-        return loss
+        return loss.neg_()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        log_p, own, partner, own_w, partner_w, weight = ctx.saved_tensors
+        log_p, classes, weights, weight = ctx.saved_tensors
         spread = ctx.smoothing / log_p.shape[1]
         grad_input = torch.exp(log_p)
         if weight is not None:
-            grad_input.mul_((own_w + partner_w + spread * weight.sum()).unsqueeze(1))
+            grad_input.mul_((weights.sum(dim=1) + spread * weight.sum()).unsqueeze(1))
             if spread:
                 grad_input.sub_(weight * spread)
         elif spread:
             grad_input.sub_(spread)
-        rows = torch.arange(grad_input.shape[0], device=grad_input.device)
-        # one write per row and call (no scatter_add: deterministic on CUDA too); own == partner adds both
-        grad_input[rows, own] -= own_w
-        grad_input[rows, partner] -= partner_w
+        rows = torch.arange(grad_input.shape[0], device=grad_input.device).unsqueeze(1).expand_as(classes)
+        # index_put_ with accumulate, not scatter_add_: deterministic on CUDA too; own == partner takes both shares
+        grad_input.index_put_((rows, classes), weights.neg(), accumulate=True)
         grad_input.mul_(grad.unsqueeze(1))
-        return grad_input.to(ctx.input_dtype), None, None, None, None, None, None
+        return grad_input.to(ctx.input_dtype), None, None, None, None
 
 
 def _check_loss_arguments(input: Tensor, target: MixedLabels, weight: Optional[Tensor], reduction: str,
@@ -334,14 +342,15 @@ def mixed_cross_entropy(
         return F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=label_smoothing)
     _check_loss_arguments(input, target, weight, reduction, label_smoothing)
+    classes = target.classes()
     if validate_args:
-        target.check(input.shape[1])
+        target._check(classes, input.shape[1])
     dtype = _compute_dtype(input.dtype)
     # F.cross_entropy smooths a soft target once more: (1 - e2)·((1 - e1)·mix + e1 / C) + e2 / C
     keep = (1.0 - target.label_smoothing) * (1.0 - float(label_smoothing))
     lam = target.lam.to(dtype)
-    loss = _MixedCrossEntropy.apply(input, target.target, target.partner_target, keep * lam, keep * (1.0 - lam),
-                                    1.0 - keep, None if weight is None else weight.to(dtype))
+    weights = torch.stack([lam, 1.0 - lam], dim=1).mul_(keep)
+    loss = _MixedCrossEntropy.apply(input, classes, weights, 1.0 - keep, None if weight is None else weight.to(dtype))
     if reduction == 'mean':
         return loss.mean()
     return loss.sum() if reduction == 'sum' else loss
