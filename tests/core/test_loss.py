@@ -219,6 +219,7 @@ def test_accuracy_on_labels_is_accuracy_on_their_dense_target_exactly(lam: str, 
         metric.update(preds[half], part)
         reference.update(preds[half], dense[half])
     assert torch.equal(metric.compute(), reference.compute()) and 0 < float(metric.compute()) < 1
+    assert torch.equal(SoftTargetAccuracy(C, top_k=top_k)(preds, labels), got)  # forward too
     # and the score is the target mass on the top-k, from the formula
     top = preds.topk(top_k, dim=1).indices
     want = _dense(labels).gather(1, top).sum(dim=1).mean()
