@@ -36,12 +36,12 @@ _REDUCTIONS = ('mean', 'sum', 'none')
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: `==` on tensors is elementwise; labels compare by identity
 class MixedLabels:
     """The labels of a mixed batch, without dense targets: own class, partner class, own weight λ, smoothing ε.
 
     Sample ``i`` stands for the soft target ``(1 - ε)·(λ_i·onehot(target_i) + (1 - λ_i)·onehot(partner_target_i))
-    + ε / C``. Frozen, and only four small tensors' worth: :meth:`to` moves it between devices (Lightning's and
+    + ε / C``. Frozen, three ``(N,)`` tensors and a number: :meth:`to` moves it between devices (Lightning's and
     Accelerate's batch transfer call it), :meth:`pin_memory` serves a pinning ``DataLoader``, and it pickles and
     deep-copies as a dataclass.
 
@@ -113,13 +113,15 @@ class MixedLabels:
             raise ValueError(f"MixedLabels holds class-index targets (N,); this batch's targets are of kind "
                              f'{result.kind!r} (shape {tuple(result.target.shape)}): mix it with dense targets')
         target = result.target
+        if target.ndim != 1:
+            raise ValueError(f'MixedLabels.from_result takes a batch mixed with mix_target=False, whose target is its '
+                             f'class indices (N,); got a mixed target of shape {tuple(target.shape)}')
         lam = result.label_lam
         if isinstance(lam, Tensor):  # per sample: on the 2**-10 grid, exact in float32; one small copy to the device
             lam = lam.to(device=target.device, dtype=torch.float32)
         else:
             lam = torch.full(target.shape, float(lam), dtype=torch.float32, device=target.device)
         return cls(target, result.partner_target, lam, label_smoothing)
-
 
     # ------------------------------------------------------------------ what user code does to a target
 
@@ -205,8 +207,7 @@ class MixedLabels:
     def argmax(self, num_classes: int) -> Tensor:
         """``to_dense(num_classes).argmax(dim=1)`` without the dense target: the heavier of the two classes, the
         lower index on a tie (as ``argmax`` returns the first maximum), ``(N,)``."""
-        pair = torch.stack([self.target, self.partner_target], dim=1)
-        values = self.entries(pair, num_classes)  # the very floats the dense target compares
+        values = self.entries(self.classes(), num_classes)  # the very floats the dense target compares
         own_wins = values[:, 0] > values[:, 1]
         partner_wins = values[:, 1] > values[:, 0]
         lower = torch.minimum(self.target, self.partner_target)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_cutmix import MixedCrossEntropy, MixedLabels, Mixer, SoftTargetAccuracy
+from dist_cutmix import MixedCrossEntropy, MixedLabels, Mixer, SoftTargetAccuracy, mix_batch_local
 from dist_cutmix.distributed import BatchMismatchError
 from tests.spawn import run_ranks
 
@@ -81,6 +81,19 @@ def test_labels_mode_takes_index_targets_only_and_needs_num_classes() -> None:
         Mixer(num_classes=K, targets='soft')
     with pytest.raises(ValueError, match=r'index targets must lie in \[0, num_classes=7\), got values in \[0, 7\]'):
         mixer(x, torch.tensor([0, 1, 2, 3, 4, 7]))  # checked before mixing, though no dense target is built
+
+
+def test_from_result_reads_only_unmixed_index_labels() -> None:
+    x, y = _batches(1)[0]
+    result = mix_batch_local(x, y, seed=0, batch=0, num_classes=K, mix_target=False)
+    labels = MixedLabels.from_result(result, 0.1)
+    assert torch.equal(labels.target, y) and torch.equal(labels.partner_target, y[result.partner_index])
+    assert torch.equal(labels.lam, torch.full((6,), result.label_lam)) and labels.lam.dtype == torch.float32
+    with pytest.raises(ValueError, match=r'mix_target=False.*got a mixed target of shape \(6, 7\)'):
+        MixedLabels.from_result(mix_batch_local(x, y, seed=0, batch=0, num_classes=K))
+    soft = mix_batch_local(x, torch.softmax(torch.randn(6, K), dim=1), seed=0, batch=0, mix_target=False)
+    with pytest.raises(ValueError, match=r"targets are of kind 'soft' \(shape \(6, 7\)\)"):
+        MixedLabels.from_result(soft)
 
 
 def test_the_targets_option_is_part_of_the_checked_configuration() -> None:
