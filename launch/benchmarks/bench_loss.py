@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -45,16 +46,22 @@ SMOOTHING = 0.1
 LAM = 0.6845703125  # a batch λ on the mixers' 2**-10 label grid
 
 
-def _time_round_robin(entries: dict[str, Callable[[], Any]], iters: int, warmup: int, cuda: bool) -> dict[str, list]:
-    """Seconds per call of each entry; iteration ``i`` starts at entry ``i mod len``, so none always runs first."""
+def _time_round_robin(entries: dict[str, Callable[[], Any]], iters: int, warmup: int,
+                      cuda: bool) -> tuple[dict[str, list], dict[str, float]]:
+    """Seconds per call of each entry, and the host's minor page faults per call (fresh memory the kernel maps).
+
+    Iteration ``i`` starts at entry ``i mod len``, so none always runs first.
+    """
     names = list(entries)
     samples: dict[str, list] = {name: [] for name in names}
+    faults = dict.fromkeys(names, 0)
     gc.collect()
     gc.disable()  # a collection inside one timed call would charge it to that implementation
     try:
         for i in range(warmup + iters):
             k = i % len(names)
             for name in names[k:] + names[:k]:
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 if cuda:
                     torch.cuda.synchronize()
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -68,12 +75,13 @@ def _time_round_robin(entries: dict[str, Callable[[], Any]], iters: int, warmup:
                     sample = time.perf_counter() - t0
                 if i >= warmup:
                     samples[name].append(sample)
+                    faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         if cuda:
             torch.cuda.synchronize()
             samples = {n: [s.elapsed_time(e) / 1e3 for s, e in pairs] for n, pairs in samples.items()}
     finally:
         gc.enable()
-    return samples
+    return samples, {name: faults[name] / max(iters, 1) for name in names}
 
 
 def _row(n: int, c: int, dtype_name: str, device: torch.device, iters: int, warmup: int, seed: int) -> dict[str, Any]:
@@ -101,12 +109,13 @@ def _row(n: int, c: int, dtype_name: str, device: torch.device, iters: int, warm
     # the two agree (bfloat16: F.cross_entropy computes in bfloat16, ours in float32)
     ours_loss, ours_grad = float(ours().detach()), logits.grad.double()
     dense_loss, dense_grad = float(dense().detach()), logits.grad.double()
-    samples = _time_round_robin({'ours': ours, 'dense': dense}, iters, warmup, cuda=device.type == 'cuda')
+    samples, faults = _time_round_robin({'ours': ours, 'dense': dense}, iters, warmup, cuda=device.type == 'cuda')
     ratios = [d / o for d, o in zip(samples['dense'], samples['ours'], strict=True) if o > 0]
     return {
         'n': n, 'classes': c, 'dtype': dtype_name, 'device': str(device), 'iters': iters,
         'ours_ms': statistics.median(samples['ours']) * 1e3, 'dense_ms': statistics.median(samples['dense']) * 1e3,
         'speedup': statistics.median(ratios) if ratios else float('nan'),
+        'ours_faults': faults['ours'], 'dense_faults': faults['dense'],
         'loss_rel_diff': abs(ours_loss - dense_loss) / max(abs(dense_loss), 1e-30),
         'grad_max_abs_diff': float((ours_grad - dense_grad).abs().max()),
         'samples_ms': {k: [round(v * 1e3, 4) for v in vs] for k, vs in samples.items()},
@@ -120,7 +129,8 @@ def run_loss(device: str = 'cpu', *, n: int = N, classes: Sequence[int] = CLASSE
     Returns:
         One dict a row: ``n``, ``classes``, ``dtype``, ``device``, ``iters``, ``ours_ms`` and ``dense_ms``
         (medians), ``speedup`` (median of the per-iteration ratios dense / ours), ``loss_rel_diff`` and
-        ``grad_max_abs_diff`` (how far the two results are apart), ``samples_ms`` (every timing).
+        ``grad_max_abs_diff`` (how far the two results are apart), ``ours_faults`` and ``dense_faults`` (the host's
+        minor page faults per call), ``samples_ms`` (every timing).
 
     Raises:
         RuntimeError: for ``device='cuda'`` without CUDA.
@@ -132,11 +142,13 @@ def run_loss(device: str = 'cpu', *, n: int = N, classes: Sequence[int] = CLASSE
 
 
 def loss_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a markdown table: medians in milliseconds and the speed-up measured in the same run."""
-    lines = ['| N | C | dtype | device | ours ms | dense ms | speed-up (dense / ours) |',
-             '|---|---|---|---|---|---|---|']
+    """The rows as a markdown table: medians in milliseconds, the speed-up measured in the same run, page faults."""
+    lines = ['| N | C | dtype | device | ours ms | dense ms | speed-up (dense / ours) | '
+             'page faults a call (ours, dense) |',
+             '|---|---|---|---|---|---|---|---|']
     lines += [f"| {r['n']} | {r['classes']} | {r['dtype']} | {r['device']} | {r['ours_ms']:.3g} | "
-              f"{r['dense_ms']:.3g} | {r['speedup']:.2f}x |" for r in rows]
+              f"{r['dense_ms']:.3g} | {r['speedup']:.2f}x | {r['ours_faults']:.0f}, {r['dense_faults']:.0f} |"
+              for r in rows]
     return '\n'.join(lines)
 
 

@@ -24,6 +24,7 @@ def _check_rows(rows: list[dict], device: str = 'cpu') -> None:
         assert r['n'] == 6 and r['device'] == device and r['iters'] == 2
         assert len(r['samples_ms']['ours']) == len(r['samples_ms']['dense']) == 2
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ('ours_ms', 'dense_ms', 'speedup'))
+        assert r['ours_faults'] >= 0 and r['dense_faults'] >= 0
         # the two losses agree: float32 to rounding; bfloat16, where F.cross_entropy computes in bfloat16, loosely
         assert r['loss_rel_diff'] < (1e-6 if r['dtype'] == 'float32' else 2e-2), r
 
