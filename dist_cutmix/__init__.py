@@ -15,6 +15,7 @@ from dist_cutmix.distributed import BatchMismatchError
 from dist_cutmix.draw import MixParams, PerSampleMixParams, sample_mix
 from dist_cutmix.functional import cutmix_batch, mixup_batch, sample_params
 from dist_cutmix.loop import Mixer
+from dist_cutmix.loss import MixedCrossEntropy, MixedLabels, mixed_cross_entropy
 from dist_cutmix.metrics import SoftTargetAccuracy, SoftTargetWrapper, prepare_train_metrics, soft_target_accuracy
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.pixels import apply_mix
@@ -49,6 +50,8 @@ __all__ = [
     'MixParams',
     'MixResult',
     'MixSpec',
+    'MixedCrossEntropy',
+    'MixedLabels',
     'Mixer',
     'PerSampleMixParams',
     'SoftTargetAccuracy',
@@ -60,6 +63,7 @@ __all__ = [
     'mix_batch_across_group',
     'mix_batch_local',
     'mix_targets',
+    'mixed_cross_entropy',
     'mixup_batch',
     'prepare_train_metrics',
     'sample_mix',

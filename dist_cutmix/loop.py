@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from torch import Tensor
 
 from dist_cutmix.distributed import ProcessGroup, agree_on_seed, group_rank_and_size, node_group
+from dist_cutmix.loss import MixedLabels
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.randomness import default_seed
 from dist_cutmix.spec import MixSpec
-from dist_cutmix.validation import check_num_classes, check_pool, check_seed
+from dist_cutmix.validation import check_choice, check_num_classes, check_pool, check_seed
 
-__all__ = ['Mixer']
+__all__ = ['TARGETS', 'Mixer']
+
+TARGETS = ('dense', 'labels')
 
 _STATE_VERSION = 1
 
@@ -53,6 +56,11 @@ class Mixer:
         per_sample: every sample its own draw (timm's ``mode='elem'``) instead of one per batch.
         exclude_self: never pair a sample with itself when there is another.
         inplace: mix into the caller's ``input`` (its memory is yours to overwrite) instead of a copy.
+        targets: what a call returns as the target: ``'dense'``, the mixed (and smoothed) soft targets ``(N, C)``;
+            ``'labels'``, a :class:`~dist_cutmix.loss.MixedLabels` (own class, partner class, label weight, ε) for
+            :class:`~dist_cutmix.loss.MixedCrossEntropy` and the soft-target metrics, no ``(N, C)`` target built.
+            ``'labels'`` takes class-index targets only, and ``num_classes`` (the labels are checked against it
+            on every rank before mixing); ``last.target`` then holds the unmixed labels.
 
     Attributes:
         batch: the index of the next batch to mix (batches mixed so far, plus a resumed count).
@@ -85,6 +93,7 @@ class Mixer:
         per_sample: bool = False,
         exclude_self: bool = True,
         inplace: bool = False,
+        targets: str = 'dense',
     ) -> None:
         given = dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax, prob=prob,
                      switch_prob=switch_prob, label_smoothing=label_smoothing)
@@ -104,6 +113,10 @@ class Mixer:
             raise ValueError('MixSpec(pairs=True) draws once per pair of samples: pass per_sample=True with it')
         check_seed(seed)
         check_num_classes(num_classes)
+        check_choice(targets, 'targets', TARGETS)
+        if targets == 'labels' and num_classes is None:
+            raise ValueError("targets='labels' needs num_classes, to check the class-index targets on every rank "
+                             'before mixing; got num_classes=None')
         self.spec = spec
         self.mode = mode
         self.seed = seed
@@ -112,6 +125,7 @@ class Mixer:
         self.per_sample = bool(per_sample)
         self.exclude_self = bool(exclude_self)
         self.inplace = bool(inplace)
+        self.targets = targets
         self.enabled = True
         self.batch = 0
         self.last: Optional[MixResult] = None
@@ -119,9 +133,12 @@ class Mixer:
 
     # ------------------------------------------------------------------ mixing
 
-    def __call__(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Mix one batch; return ``(mixed_input, mixed_target)`` and count the batch."""
+    def __call__(self, input: Tensor, target: Tensor) -> tuple[Tensor, Union[Tensor, MixedLabels]]:
+        """Mix one batch; return ``(mixed_input, mixed_target)`` (with ``targets='labels'``, ``(mixed_input,
+        MixedLabels)``) and count the batch."""
         result = self.mix(input, target)
+        if self.targets == 'labels':
+            return result.input, MixedLabels.from_result(result, self.spec.label_smoothing)
         return result.input, result.target
 
     def mix(self, input: Tensor, target: Tensor, *, problem: Optional[Exception] = None) -> MixResult:
@@ -129,19 +146,24 @@ class Mixer:
 
         ``problem``: a door's own finding that this batch cannot be mixed. It is raised here (``'local'``) or on
         every rank of the group at once (``'global'``, ``'node'``), as the engine's own input errors are, so that
-        the other ranks do not wait for this one in a collective; the batch is not counted.
+        the other ranks do not wait for this one in a collective; the batch is not counted. With
+        ``targets='labels'`` the result's ``target`` is the unmixed labels (``mix_target=False``).
         """
         if problem is not None and self.mode == 'local':
             raise problem
         seed = self._resolve_seed()
         spec = self.spec if self.enabled else dataclasses.replace(self.spec, prob=0.0)
         kwargs: dict[str, Any] = dict(seed=seed, batch=self.batch, spec=spec, exclude_self=self.exclude_self,
-                                      num_classes=self.num_classes, inplace=self.inplace, per_sample=self.per_sample)
+                                      num_classes=self.num_classes, inplace=self.inplace, per_sample=self.per_sample,
+                                      mix_target=self.targets == 'dense')
         if self.mode == 'local':
             result = mix_batch_local(input, target, rank=group_rank_and_size(None)[0], **kwargs)
         else:
             result = mix_batch_across_group(input, target, group=self._mixing_group(), caller='Mixer', problem=problem,
                                             **kwargs)
+        if self.targets == 'labels' and result.kind != 'index':  # every rank: the ranks agreed on the kind
+            raise ValueError(f"targets='labels' takes class-index targets (N,), got {result.kind} targets of shape "
+                             f"{tuple(target.shape)}: use targets='dense' for them")
         self.last = result
         self.batch += 1
         return result
@@ -175,6 +197,7 @@ class Mixer:
             'per_sample': self.per_sample,
             'exclude_self': self.exclude_self,
             'num_classes': self.num_classes,
+            'targets': self.targets,
             'spec': _spec_state(self.spec),
         }
 
@@ -183,7 +206,7 @@ class Mixer:
 
         Raises:
             ValueError: naming every difference, when the checkpointed mixer was configured differently
-                (spec, mode, per_sample, exclude_self, num_classes, an explicit other seed), or when the world
+                (spec, mode, per_sample, exclude_self, num_classes, targets, an explicit other seed), or when the world
                 size changed in ``'local'`` or ``'node'`` mode, whose draws are keyed by rank. In ``'global'``
                 mode the world size may change: batch ``b``'s draws cover the global batch whatever the
                 number of ranks, so the same global batch mixes the same way.
@@ -191,15 +214,18 @@ class Mixer:
         if not isinstance(state, dict) or 'batch' not in state:
             raise ValueError(f'state must be a Mixer.state_dict(), got {state!r}')
         mine = self.state_dict()
-        if isinstance(state.get('spec'), dict):  # a checkpoint from before a MixSpec field existed has its default
-            state = {**state, 'spec': {**_spec_state(MixSpec()), **state['spec']}}
-        differ = [k for k in ('mode', 'per_sample', 'exclude_self', 'num_classes', 'spec') if state.get(k) != mine[k]]
+        # a checkpoint from before a MixSpec field (or the targets option) existed has its default
+        saved = {'targets': 'dense', **state}
+        if isinstance(state.get('spec'), dict):
+            saved['spec'] = {**_spec_state(MixSpec()), **state['spec']}
+        differ = [k for k in ('mode', 'per_sample', 'exclude_self', 'num_classes', 'targets', 'spec')
+                  if saved.get(k) != mine[k]]
         if self.seed is not None and state.get('seed') is not None and state['seed'] != self.seed:
             differ.append('seed')
         if self.mode != 'global' and state.get('world_size') != mine['world_size']:
             differ.append('world_size')
         if differ:
-            named = ', '.join(f'{k}={mine[k]!r} (checkpoint: {state.get(k)!r})' for k in differ)
+            named = ', '.join(f'{k}={mine[k]!r} (checkpoint: {saved.get(k)!r})' for k in differ)
             hint = (" (mode='local' and 'node' draw by rank: resume on the same number of ranks, or mix in "
                     "mode='global', whose draws do not depend on it)" if 'world_size' in differ else '')
             raise ValueError(f'cannot resume this Mixer from the checkpoint: it differs in {named}{hint}')
@@ -217,7 +243,8 @@ class Mixer:
 
     def __repr__(self) -> str:
         return (f'Mixer(spec={self.spec!r}, mode={self.mode!r}, seed={self.seed!r}, num_classes={self.num_classes!r}, '
-                f'per_sample={self.per_sample!r}, batch={self.batch}, enabled={self.enabled})')
+                f'per_sample={self.per_sample!r}, targets={self.targets!r}, batch={self.batch}, '
+                f'enabled={self.enabled})')
 
 
 def _spec_state(spec: MixSpec) -> dict[str, Any]:

@@ -45,6 +45,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.utilities.compute import _safe_divide
 from torchmetrics.wrappers.transformations import MetricInputTransformer
 
+from dist_cutmix.loss import MixedLabels
+
 __all__ = ['SoftTargetAccuracy', 'SoftTargetWrapper', 'prepare_train_metrics', 'soft_target_accuracy']
 
 log = logging.getLogger('dist_cutmix')
@@ -76,6 +78,9 @@ def _check_num_classes(num_classes: int) -> None:
 def _soft_target_accuracy_validate(preds: Tensor, target: Tensor, num_classes: Optional[int],
                                    validate_values: bool) -> None:
     """Raise on preds/target shapes, dtypes or values that :func:`soft_target_accuracy` cannot score."""
+    if isinstance(target, MixedLabels):
+        _mixed_labels_validate(preds, target, num_classes, validate_values)
+        return
     if not isinstance(preds, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f'preds and target must be tensors, got {type(preds).__name__} and {type(target).__name__}')
     if preds.ndim < 2 or not preds.is_floating_point():
@@ -117,6 +122,22 @@ def _soft_target_accuracy_validate(preds: Tensor, target: Tensor, num_classes: O
         )
 
 
+def _mixed_labels_validate(preds: Tensor, target: MixedLabels, num_classes: Optional[int],
+                           validate_values: bool) -> None:
+    """Raise unless ``preds`` are ``(N, C)`` scores for the ``N`` samples of ``target`` (and, with
+    ``validate_values``, its classes lie in ``[0, C)``)."""
+    if not isinstance(preds, Tensor) or not preds.is_floating_point() or preds.ndim != 2:
+        raise ValueError(f'preds must be floating-point scores of shape (N, C) for MixedLabels, got '
+                         f'{type(preds).__name__} {tuple(getattr(preds, "shape", ()))}')
+    if num_classes is not None and preds.shape[1] != num_classes:
+        raise ValueError(f'preds must have num_classes={num_classes} columns, got preds of shape {tuple(preds.shape)}')
+    if preds.shape[0] != len(target) or preds.device != target.device:
+        raise ValueError(f'preds and target must hold the same samples on one device, got preds of shape '
+                         f'{tuple(preds.shape)} on {preds.device} and MixedLabels of {len(target)} on {target.device}')
+    if validate_values:
+        target.check(preds.shape[1])
+
+
 def _flatten_class_last(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """``(N, C, d...)`` preds and their target as ``(N * d..., C)`` rows: every position is one sample."""
     if preds.ndim == 2:
@@ -134,7 +155,9 @@ def _soft_target_accuracy_update(preds: Tensor, target: Tensor, top_k: int) -> t
     # Scores in float32 at least: under amp_bf16 the predictions are bfloat16, and a soft target
     # rounded to bfloat16 would score a λ of 0.7 as 0.69921875.
     dtype = torch.promote_types(preds.dtype, torch.float32)
-    if target.ndim == 1:
+    if isinstance(target, MixedLabels):  # the dense target's own floats at the top-k classes, not the target
+        scores = target.entries(top, preds.shape[1]).to(dtype).sum(dim=1)
+    elif target.ndim == 1:
         scores = (top == target.unsqueeze(1)).any(dim=1).to(dtype)
     else:
         scores = target.to(dtype).gather(1, top).sum(dim=1)
@@ -163,7 +186,8 @@ def soft_target_accuracy(preds: Tensor, target: Tensor, top_k: int = 1, validate
     Args:
         preds: logits or probabilities of shape ``(N, C)`` or ``(N, C, d...)``.
         target: index labels ``(N,)``/``(N, d...)`` (integer) or a soft or one-hot target shaped like
-            ``preds`` whose class axis (dim 1) sums to 1.
+            ``preds`` whose class axis (dim 1) sums to 1, or the :class:`~dist_cutmix.loss.MixedLabels` of
+            ``(N, C)`` preds (exactly the score of their dense target).
         top_k: how many of the highest-scoring classes count as predicted, ``1 <= top_k <= C``.
         validate_args: check target values (index range, non-negative rows summing to 1); costs a
             device sync, as in torchmetrics.
@@ -261,6 +285,11 @@ def _argmax_target(target: Tensor, binary: bool = False) -> Tensor:
     return target
 
 
+def _class_count(preds: object) -> Optional[int]:
+    """The class axis' length of ``(N, C, ...)`` scores; ``None`` for binary ``(N,)`` scores."""
+    return preds.shape[1] if isinstance(preds, Tensor) and preds.ndim >= 2 else None
+
+
 def _is_binary(metric: Metric) -> bool:
     """True for a torchmetrics binary metric (or a subclass of one)."""
     return any(cls.__name__.startswith('Binary') for cls in type(metric).__mro__)
@@ -281,8 +310,9 @@ class SoftTargetWrapper(MetricInputTransformer):
     ``forward``, distributed sync and ``state_dict`` (under the ``wrapped_metric.`` prefix), built on
     torchmetrics' :class:`~torchmetrics.wrappers.transformations.MetricInputTransformer`.
 
-    Integer one-hot targets are not converted (an integer ``(N, d)`` target is also a valid
-    multi-dimensional label); pass them as float.
+    :class:`~dist_cutmix.loss.MixedLabels` (from ``Mixer(..., targets='labels')``) are read as the class their
+    dense target's argmax would name, ties included. Integer one-hot targets are not converted (an integer
+    ``(N, d)`` target is also a valid multi-dimensional label); pass them as float.
 
     Args:
         metric: a multiclass or binary torchmetrics ``Metric``, such as ``MulticlassF1Score``.
@@ -340,8 +370,14 @@ class SoftTargetWrapper(MetricInputTransformer):
         """The wrapped metric's flag."""
         return self.wrapped_metric.is_differentiable
 
-    def transform_target(self, target: Tensor) -> Tensor:
-        """Turn a soft target into index labels (argmax over dim 1); leave index labels unchanged."""
+    def transform_target(self, target: Tensor, num_classes: Optional[int] = None) -> Tensor:
+        """Turn a soft target into index labels (argmax over dim 1); leave index labels unchanged.
+
+        :class:`~dist_cutmix.loss.MixedLabels` become the class their dense ``num_classes``-class target's argmax
+        reads (``num_classes`` defaults to the wrapped metric's).
+        """
+        if isinstance(target, MixedLabels):
+            return target.argmax(num_classes or self.num_classes or 2)
         num_classes = self.num_classes
         if (isinstance(target, Tensor) and target.is_floating_point() and target.ndim >= 2
                 and isinstance(num_classes, int) and target.shape[1] != num_classes):
@@ -353,11 +389,11 @@ class SoftTargetWrapper(MetricInputTransformer):
 
     def update(self, preds: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> None:
         """Update the wrapped metric with ``target`` read as index labels."""
-        self.wrapped_metric.update(preds, self.transform_target(target), *args, **kwargs)
+        self.wrapped_metric.update(preds, self.transform_target(target, _class_count(preds)), *args, **kwargs)
 
     def forward(self, preds: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped metric's ``forward`` with ``target`` read as index labels."""
-        return self.wrapped_metric(preds, self.transform_target(target), *args, **kwargs)
+        return self.wrapped_metric(preds, self.transform_target(target, _class_count(preds)), *args, **kwargs)
 
     def persistent(self, mode: bool = False) -> None:
         """Make the wrapped metric's states (not) part of ``state_dict``; Composer's checkpoints call this."""

@@ -233,20 +233,21 @@ def check_batch(input: object, target: object, *, num_classes: Optional[int], mi
                 spec: 'MixSpec') -> str:
     """Everything a mixer checks of one batch before it draws; return the target kind.
 
-    The input's shape, the target's shape and kind, multi-hot rows for ``multi_label``, index labels in
-    range, binary targets in ``[0, 1]``, smoothing only over a class axis, MixUp only of floating dense
-    maps. The value checks (one host sync each) run only where the targets are mixed.
+    The input's shape, the target's shape and kind, index labels in range (also unmixed ones, where
+    ``num_classes`` is given: ``Mixer(targets='labels')`` hands them on), multi-hot rows for ``multi_label``,
+    binary targets in ``[0, 1]``, smoothing only over a class axis, MixUp only of floating dense maps. The
+    other value checks (one host sync each) run only where the targets are mixed.
     """
     input = check_input(input)
     kind = check_target(target, input)
     target = cast(Tensor, target)  # check_target raised for anything else
+    if kind == 'index' and (mix_target or num_classes is not None):
+        check_labels(target, num_classes)  # unmixed labels too, where a class count says what is in range
     if not mix_target:
         return kind
     if spec.multi_label:
         check_multi_label(target, kind, num_classes)
-    if kind == 'index':
-        check_labels(target, num_classes)
-    elif kind == 'binary':
+    if kind == 'binary':
         check_binary_targets(target)
     check_smoothable(kind, target, spec.label_smoothing)
     if kind == 'dense' and spec.mixup_alpha > 0 and spec.prob > 0:
