@@ -1,9 +1,9 @@
-"""What the parts of ``launch/benchmark.py`` share: timing, medians, tables, environment, ranks.
+"""What the parts of ``launch/benchmarks/benchmark.py`` share: timing, medians, tables, environment, ranks.
 
 :func:`time_round_robin` times every implementation of one iteration back to back, by the wall
 clock on the CPU or by CUDA events on a GPU; :func:`paired_ratio` compares two of them iteration
 by iteration; :func:`md_table` prints a result; :func:`spawn_ranks` runs a part's rank body on W
-gloo ranks (:func:`launch.spawn.run_ranks`).
+gloo ranks (:func:`launch.tools.spawn.run_ranks`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from launch.spawn import run_ranks
+from launch.tools.spawn import run_ranks
 
 __all__ = ['DEVICES', 'NUM_CLASSES', 'Shape', 'check_device', 'environment', 'md_table', 'median', 'paired_ratio',
            'parse_shapes', 'shape_str', 'spawn_ranks', 'time_round_robin']
@@ -136,7 +136,7 @@ def time_round_robin(entries: dict[str, Callable[[int], Any]], iters: int, warmu
 
 def spawn_ranks(fn: Callable[..., Any], world: int, args: tuple[Any, ...], *, threads: int = 1,
                 deadline_s: float = 900.0) -> list[Any]:
-    """``fn(rank, world, *args)`` on ``world`` gloo ranks (:func:`launch.spawn.run_ranks`), in a temp dir."""
+    """``fn(rank, world, *args)`` on ``world`` gloo ranks (:func:`launch.tools.spawn.run_ranks`), in a temp dir."""
     with tempfile.TemporaryDirectory(prefix='dist_cutmix_bench_') as workdir:
         return run_ranks(fn, world, workdir, *args, threads=threads, deadline_s=deadline_s, collective_timeout_s=120.0)
 

@@ -1,4 +1,4 @@
-"""The ``exchange`` part of ``launch/benchmark.py``: global mixing, our exchange against all-gather.
+"""The ``exchange`` part of ``launch/benchmarks/benchmark.py``: global mixing, our exchange against all-gather.
 
 Global mixing on W gloo ranks: our crop ``all_to_all`` (:func:`mix_batch_across_group`)
 against all-gathering the global batch and mixing locally with the same box, λ and
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dist_cutmix import functional as F
-from launch.bench_common import NUM_CLASSES, Shape, md_table, median, paired_ratio, shape_str, spawn_ranks
+from launch.benchmarks.bench_common import NUM_CLASSES, Shape, md_table, median, paired_ratio, shape_str, spawn_ranks
 
 __all__ = ['combine_exchange', 'exchange_markdown', 'exchange_rank', 'per_sample_markdown', 'required_bytes',
            'run_exchange']
@@ -292,7 +292,7 @@ def per_sample_markdown(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
-# ============================================================================ MixUp and MixUpCutMix (issue 16)
+# ============================================================================ MixUp and MixUpCutMix
 
 MIXUP_MODES = ('mixup', 'mixupcutmix per-sample')
 MIXUP_WAYS = ('ours', 'allgather', 'all_to_all')
@@ -300,7 +300,7 @@ MIXUP_WAYS = ('ours', 'allgather', 'all_to_all')
 
 def _mix_spec(mode: str) -> Any:
     from dist_cutmix.spec import MixSpec
-    from launch.bench_op import MIXUP_ALPHA, MIXUPCUTMIX
+    from launch.benchmarks.bench_op import MIXUP_ALPHA, MIXUPCUTMIX
 
     return MixSpec.mixup(MIXUP_ALPHA) if mode == 'mixup' else MixSpec(**MIXUPCUTMIX)
 

@@ -43,9 +43,9 @@ unregisters that hook (the Trainer is already closed), so one run's batch does n
 
 Run it::
 
-    python launch/bench_memory.py                      # CPU: 64x3x224x224 float32, microbatch 8
-    python launch/bench_memory.py --device cuda        # a GPU (Trainer device='gpu'), with the peak
-    python launch/bench_memory.py --batch 8x3x16x16 --microbatch 2 --json mem.json
+    python launch/benchmarks/bench_memory.py                      # CPU: 64x3x224x224 float32, microbatch 8
+    python launch/benchmarks/bench_memory.py --device cuda        # a GPU (Trainer device='gpu'), with the peak
+    python launch/benchmarks/bench_memory.py --batch 8x3x16x16 --microbatch 2 --json mem.json
 """
 from __future__ import annotations
 
@@ -59,13 +59,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:  # run from a checkout that is not installed
     sys.path.insert(0, str(_ROOT))
 
 import torch  # noqa: E402
 
-from launch.bench_common import (  # noqa: E402
+from launch.benchmarks.bench_common import (  # noqa: E402
     DEVICES,
     NUM_CLASSES,
     Shape,
@@ -74,7 +74,7 @@ from launch.bench_common import (  # noqa: E402
     parse_shapes,
     shape_str,
 )
-from launch.bench_common import check_device as common_check_device  # noqa: E402
+from launch.benchmarks.bench_common import check_device as common_check_device  # noqa: E402
 
 __all__ = ['VARIANTS', 'check_device', 'input_bytes_alive', 'main', 'measure', 'memory_markdown', 'predicted_bytes']
 
@@ -228,7 +228,7 @@ def measure(device: str = 'cpu', shape: Shape = (64, 3, 224, 224), microbatch: i
             warmup: int = 1, seed: int = 0) -> list[dict[str, Any]]:
     """One row per variant (:data:`VARIANTS`): measured input bytes (and CUDA peak) beside the formula's."""
     check_device(device)
-    from launch.spawn import answer_cpuinfo_from_constant
+    from launch.tools.spawn import answer_cpuinfo_from_constant
 
     answer_cpuinfo_from_constant()  # Composer's CPU query costs ~1 s a Trainer
     logging.getLogger('dist_cutmix').setLevel(logging.ERROR)  # the metric-wrapping notice, once per Trainer

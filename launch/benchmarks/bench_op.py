@@ -1,4 +1,4 @@
-"""The ``op`` part of ``launch/benchmark.py``: one CutMix of a batch against its peers and the floor.
+"""The ``op`` part of ``launch/benchmarks/benchmark.py``: one CutMix of a batch against its peers and the floor.
 
 One CutMix of a batch, per call, median over many pre-drawn boxes (Beta(1, 1)); every
 implementation gets the same box and λ at the same iteration (Composer's and ours also the
@@ -17,7 +17,7 @@ three; timm and ours are checked to give the same pixels first.
 
 With ``--device cuda`` the batch, targets and partner indices live on the GPU and every
 implementation (the same set) is timed by CUDA events around each call, started on an idle GPU
-(:func:`launch.bench_common.time_round_robin`); the profile is still the host's (aten ops by
+(:func:`launch.benchmarks.bench_common.time_round_robin`); the profile is still the host's (aten ops by
 self CPU time: launch cost on a GPU), and page faults are the host process's.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dist_cutmix import functional as F
-from launch.bench_common import (
+from launch.benchmarks.bench_common import (
     DEVICES,
     NUM_CLASSES,
     Shape,
@@ -41,7 +41,7 @@ from launch.bench_common import (
     shape_str,
     time_round_robin,
 )
-from launch.bench_common import check_device as common_check_device
+from launch.benchmarks.bench_common import check_device as common_check_device
 
 __all__ = ['DEVICES', 'LAYOUTS', 'PS_IMPLS', 'check_device', 'op_markdown', 'per_sample_markdown', 'run_op']
 
@@ -345,7 +345,7 @@ def run_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: int = 
     """
     try:
         from composer.functional import cutmix_batch as composer_cutmix_batch
-    except ImportError:  # the core runs without Composer (launch/gpu_check.py): time the other peers
+    except ImportError:  # the core runs without Composer (launch/tools/gpu_check.py): time the other peers
         composer_cutmix_batch = None
     dev = check_device(device)
     cuda = dev.type == 'cuda'
@@ -460,7 +460,7 @@ def per_sample_markdown(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
-# ============================================================================ MixUp and MixUpCutMix (issue 16)
+# ============================================================================ MixUp and MixUpCutMix
 
 MIXUP_IMPLS = ['floor', 'ours', 'ours+targets', 'ours mixup_batch', 'composer', 'timm', 'timm elem', 'torchvision']
 MIXUP_PEERS = ('composer', 'timm', 'timm elem', 'torchvision')

@@ -1,4 +1,4 @@
-"""The ``step`` part of ``launch/benchmark.py``: CutMix's share of a Composer training step.
+"""The ``step`` part of ``launch/benchmarks/benchmark.py``: CutMix's share of a Composer training step.
 
 A Composer ``Trainer`` on ResNet-18 (CIFAR-sized input), with and without ``CutMix``, local
 (one rank) and global (two ranks, same global batch). A step is timed from
@@ -22,8 +22,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from launch.bench_common import NUM_CLASSES, md_table, median, spawn_ranks
-from launch.spawn import answer_cpuinfo_from_constant
+from launch.benchmarks.bench_common import NUM_CLASSES, md_table, median, spawn_ranks
+from launch.tools.spawn import answer_cpuinfo_from_constant
 
 __all__ = ['VARIANTS', 'run_step', 'step_markdown']
 

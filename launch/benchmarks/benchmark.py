@@ -4,29 +4,29 @@ against all-gather, and CutMix's share of a Composer training step.
 
 Run it alone (it spawns its own gloo ranks, meeting through a ``FileStore`` in a temp dir)::
 
-    python launch/benchmark.py                       # everything, default sizes (a few minutes)
-    python launch/benchmark.py --part op --iters 200 # one part, more iterations
-    python launch/benchmark.py --quick --json out.json
-    python launch/benchmark.py --part op --device cuda  # the op on a GPU, timed with CUDA events
+    python launch/benchmarks/benchmark.py                          # everything, default sizes (a few minutes)
+    python launch/benchmarks/benchmark.py --part op --iters 200    # one part, more iterations
+    python launch/benchmarks/benchmark.py --quick --json out.json
+    python launch/benchmarks/benchmark.py --part op --device cuda  # the op on a GPU, timed with CUDA events
 
 or under Composer's launcher, where the process group comes from the environment::
 
-    composer -n 4 launch/benchmark.py --part exchange
+    composer -n 4 launch/benchmarks/benchmark.py --part exchange
 
 It prints markdown tables (rank 0 only under a launcher) and, with ``--json``, writes every
 measurement. Targets are reported, not asserted.
 
 Parts, one module each (its docstring says what is measured and how), sharing
-``launch/bench_common.py`` (round-robin timing, paired ratios, tables, environment, rank spawning):
+``launch/benchmarks/bench_common.py`` (round-robin timing, paired ratios, tables, environment, rank spawning):
 
-``op`` (``launch/bench_op.py``)
+``op`` (``launch/benchmarks/bench_op.py``)
     One CutMix of a batch per call: ours, Composer's, timm's and torchvision's, and the floor of
     one plain ``copy_`` of the box region; on the CPU or, with ``--device cuda``, on a GPU.
-``exchange`` (``launch/bench_exchange.py``)
+``exchange`` (``launch/benchmarks/bench_exchange.py``)
     Global mixing on W gloo ranks: our crop ``all_to_all`` against all-gathering the global batch.
-``step`` (``launch/bench_step.py``)
+``step`` (``launch/benchmarks/bench_step.py``)
     CutMix's share of a Composer ``Trainer`` step, local (one rank) and global (two ranks).
-``mixup`` (``run_mixup_op`` in ``launch/bench_op.py``, ``run_mixup_exchange`` in ``launch/bench_exchange.py``)
+``mixup`` (``run_mixup_op`` in ``bench_op.py``, ``run_mixup_exchange`` in ``bench_exchange.py``)
     MixUp's op against Composer's, timm's (batch and elem) and torchvision's ``mixup`` and the floor
     of reading two batches and writing one; per-sample MixUpCutMix against timm elem; the global MixUp
     and MixUpCutMix exchange against all-gather and a bare ``all_to_all_single`` of the same bytes.
@@ -42,15 +42,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:  # run from a checkout that is not installed
     sys.path.insert(0, str(_ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from launch.bench_common import environment, md_table, parse_shapes  # noqa: E402
-from launch.bench_exchange import (  # noqa: E402
+from launch.benchmarks.bench_common import environment, md_table, parse_shapes  # noqa: E402
+from launch.benchmarks.bench_exchange import (  # noqa: E402
     combine_exchange,
     exchange_markdown,
     exchange_rank,
@@ -58,7 +58,7 @@ from launch.bench_exchange import (  # noqa: E402
     run_exchange,
     run_mixup_exchange,
 )
-from launch.bench_op import (  # noqa: E402
+from launch.benchmarks.bench_op import (  # noqa: E402
     DEVICES,
     LAYOUTS,
     check_device,
@@ -67,7 +67,7 @@ from launch.bench_op import (  # noqa: E402
     run_mixup_op,
     run_op,
 )
-from launch.bench_step import run_step, step_markdown  # noqa: E402
+from launch.benchmarks.bench_step import run_step, step_markdown  # noqa: E402
 
 __all__ = ['main', 'run_exchange', 'run_op', 'run_step']
 
@@ -85,7 +85,7 @@ TARGETS = {
                        '<=', 3.0),
     'exchange_ps_bytes': ('exchange per-sample W=4, every shape: |bytes sent / crops+labels that must cross - 1| (max)',
                           '<=', 0.05),
-    # issue 16: MixUp and MixUpCutMix
+    # MixUp and MixUpCutMix
     'mixup_vs_peers': ('MixUp op, 64x3x224x224: fastest peer time / ours', '>=', 1.5),
     'mixup_vs_floor': ('MixUp op, 64x3x224x224: ours / floor (read two batches, write one)', '<=', 1.5),
     'mixupcutmix_ps_vs_timm': ('MixUpCutMix per-sample op, every row: timm elem time / ours (min)', '>=', 3.0),
@@ -245,7 +245,7 @@ def _main_launched(args: argparse.Namespace) -> dict[str, Any]:
     """Under ``composer -n N``: the exchange at this world size, on the launcher's process group."""
     if args.part != 'exchange':
         raise SystemExit(f'under a launcher (WORLD_SIZE={_launched_world()}) only --part exchange runs; '
-                         f'got --part {args.part}. Run the other parts as `python launch/benchmark.py`.')
+                         f'got --part {args.part}. Run the other parts as `python launch/benchmarks/benchmark.py`.')
     torch.set_num_threads(args.threads)
     created = not dist.is_initialized()
     if created:

@@ -14,10 +14,10 @@ plus, for ``global`` and ``node``, the 24-byte batch handshake (``agree_on_batch
 group. Peers are the other ranks a rank's ``all_to_all_single`` actually sends rows to.
 
 The counts are computed vectorised, from the permutation and a ``bincount``, not by calling
-``ExchangePlan.build`` once per rank (``tests/test_scaling.py`` checks they agree)::
+``ExchangePlan.build`` once per rank (``tests/scripts/test_scaling.py`` checks they agree)::
 
-    python launch/scaling.py                          # W = 8, 64, 512, 4096 x 32 images of 3x224x224
-    python launch/scaling.py --worlds 8,64 --draws 4 --json scaling.json
+    python launch/benchmarks/scaling.py                          # W = 8, 64, 512, 4096 x 32 images of 3x224x224
+    python launch/benchmarks/scaling.py --worlds 8,64 --draws 4 --json scaling.json
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 if __package__ in (None, ''):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dist_cutmix.functional import CutMixParams, sample_params  # noqa: E402
 from dist_cutmix.randomness import batch_generator  # noqa: E402
@@ -178,7 +178,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``launch/scaling.py``."""
+    """The command line of ``launch/benchmarks/scaling.py``."""
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--worlds', default='8,64,512,4096', help='world sizes, multiples of --node-size')
     p.add_argument('--per-rank', type=int, default=32, help='images per rank')

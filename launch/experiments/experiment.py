@@ -8,8 +8,8 @@ same number of samples. The learning rate follows train.py's linear scaling with
 its final eval accuracy on the 1,000 held-out images; the script writes all runs to JSON and a
 markdown table of mean ± std over seeds::
 
-    python launch/experiment.py                       # 18 runs on 4 ranks, ~13 min on 2 cores
-    python launch/experiment.py --seeds 0 --epochs 1  # a quick look
+    python launch/experiments/experiment.py                       # 18 runs on 4 ranks, ~13 min on 2 cores
+    python launch/experiments/experiment.py --seeds 0 --epochs 1  # a quick look
 
 At a per-rank batch of 1 there is no partner on the rank: ``local`` CutMix leaves every image
 as it is (and warns), so it is ``none`` in disguise; ``global`` still mixes, with partners on
@@ -31,16 +31,16 @@ from typing import Any, Optional, Sequence
 import torch
 
 if __package__ in (None, ''):  # run as a script: make `launch` importable from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from launch import train  # noqa: E402
-from launch.spawn import answer_cpuinfo_from_constant, run_ranks  # noqa: E402
+from launch.tools.spawn import answer_cpuinfo_from_constant, run_ranks  # noqa: E402
 
 __all__ = ['build_parser', 'configurations', 'main', 'markdown_table', 'run_configurations']
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='launch/experiment.py', description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(prog='launch/experiments/experiment.py', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--world-size', type=int, default=4, help='CPU ranks (gloo)')
     p.add_argument('--modes', nargs='+', choices=('none', 'local', 'global'), default=['none', 'local', 'global'])
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', type=int, default=8, help='epochs over the subset, the same for every configuration')
     p.add_argument('--alpha', type=float, default=1.0)
     p.add_argument('--width', type=int, default=16)
-    p.add_argument('--out', default='launch/experiment_results', help='writes OUT.json and OUT.md')
+    p.add_argument('--out', default='docs/results/experiment_results', help='writes OUT.json and OUT.md')
     p.add_argument('--deadline', type=float, default=3600.0, help='seconds before the ranks are stopped')
     p.add_argument('--table-only', action='store_true', help='only rewrite OUT.md from an existing OUT.json')
     return p

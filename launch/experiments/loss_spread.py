@@ -17,9 +17,9 @@ the standard deviation, and the standard deviation of step-to-step differences (
 loss's downward trend), per seed and as mean ± std over seeds. It writes OUT.json, OUT.md and a
 PNG of the loss curves and the λ series::
 
-    python launch/loss_spread.py                       # 4 ranks x 64, 3 seeds, 120 steps a run: ~10 min on 2 cores
-    python launch/loss_spread.py --quick               # 2 ranks x 8, 1 seed, 6 steps: a smoke test
-    python launch/loss_spread.py --report-only         # redo OUT.md and the PNG from OUT.json
+    python launch/experiments/loss_spread.py                # 4 ranks x 64, 3 seeds, 120 steps a run: ~10 min on 2 cores
+    python launch/experiments/loss_spread.py --quick        # 2 ranks x 8, 1 seed, 6 steps: a smoke test
+    python launch/experiments/loss_spread.py --report-only  # redo OUT.md and the PNG from OUT.json
 """
 from __future__ import annotations
 
@@ -39,24 +39,24 @@ import numpy as np
 import torch
 
 if __package__ in (None, ''):  # run as a script: make `launch` importable from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from launch import train  # noqa: E402
-from launch.spawn import answer_cpuinfo_from_constant, run_ranks  # noqa: E402
+from launch.tools.spawn import answer_cpuinfo_from_constant, run_ranks  # noqa: E402
 
 __all__ = ['build_parser', 'configurations', 'lambda_std_per_sample', 'main', 'markdown_table', 'run_configurations',
            'spread', 'summarize']
 
 VARIANTS = ('batch', 'per-sample', 'none')
-OUT = 'launch/loss_spread_results'
-PLOT = 'launch/loss_spread.png'
+OUT = 'docs/results/loss_spread_results'
+PLOT = 'docs/images/loss_spread.png'
 QUICK_OUT = 'runs/loss_spread_quick'
 QUICK = {'world_size': 2, 'batch_size': 8, 'steps': 6, 'seeds': [0], 'train_samples': 64, 'eval_samples': 20}
 COLORS = {'batch': 'tab:red', 'per-sample': 'tab:blue', 'none': 'tab:gray'}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='launch/loss_spread.py', description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(prog='launch/experiments/loss_spread.py', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--world-size', type=int, default=4, help='CPU ranks (gloo)')
     p.add_argument('--batch-size', type=int, default=64, help='images per rank per step')

@@ -1,7 +1,7 @@
 """The prepared GPU check: everything of ours that needs a GPU and no Composer, in one command.
 
-    PYTHONPATH=. python launch/gpu_check.py OUTDIR            # estimated 3-5 minutes on one GPU (not yet timed)
-    PYTHONPATH=. python launch/gpu_check.py OUTDIR --quick    # a smoke run of the same steps
+    PYTHONPATH=. python launch/tools/gpu_check.py OUTDIR            # estimated 3-5 minutes on one GPU (not yet timed)
+    PYTHONPATH=. python launch/tools/gpu_check.py OUTDIR --quick    # a smoke run of the same steps
 
 Made for a machine with one GPU, Python, torch, torchmetrics, timm, torchvision, pytest, pytest-xdist
 and hypothesis, no network and no Composer, the project passed on ``PYTHONPATH`` (nothing installed).
@@ -12,10 +12,10 @@ In order, each step recorded whatever happens to the others:
 3. ``cpu reference``: the op benchmark and the training step timing at a tiny size on the CPU, so the
    code of steps 5 and 6 is exercised before any GPU time is spent (and on a machine without one).
 4. ``cuda``: CUDA is available; without it the check stops here, exit status 2, naming that reason.
-5. ``cuda tests``: pytest on every ``tests/test_cuda*.py`` (op equal to the CPU bit for bit in float32,
-   bfloat16, uint8 and channels_last; per-sample; the host-sync counts; MixUp's file when it exists);
-   a test that needs Composer or two GPUs skips with its reason.
-6. ``op benchmark``: ``launch/bench_op.run_op(device='cuda')``: ours against timm's and torchvision's
+5. ``cuda tests``: pytest on every ``tests/cuda/test_*.py`` (op equal to the CPU bit for bit in float32,
+   bfloat16, uint8 and channels_last; per-sample; MixUp and the switch; the host-sync counts); a test
+   that needs Composer or two GPUs skips with its reason.
+6. ``op benchmark``: ``launch.benchmarks.bench_op.run_op(device='cuda')``: ours against timm's and torchvision's
    CutMix (Composer's too where installed) and the copy floor, batch and per-sample boxes.
 7. ``train step``: one optimizer step of a small model (timm's resnet18, bf16 autocast), plain torch,
    with no mixing, with ours (batch and per-sample boxes), timm's ``Mixup`` and torchvision's ``CutMix``,
@@ -42,16 +42,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # ``python launch/gpu_check.py`` puts launch/ first, not the project
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # ``python launch/tools/gpu_check.py`` puts launch/tools/ first, not the project
     sys.path.insert(0, str(ROOT))
 
 __all__ = ['CUDA_TEST_GLOB', 'build_parser', 'main', 'time_train_steps']
 
-CUDA_TEST_GLOB = 'tests/test_cuda*.py'
+CUDA_TEST_GLOB = 'tests/cuda/test_*.py'
 NO_CUDA = 'needs CUDA'
 CORE_MODULES = ('dist_cutmix.functional', 'dist_cutmix.randomness', 'dist_cutmix.distributed', 'dist_cutmix.mixer',
-                'dist_cutmix.metrics', 'launch.bench_common', 'launch.bench_op', 'tests.test_cuda')
+                'dist_cutmix.metrics', 'launch.benchmarks.bench_common', 'launch.benchmarks.bench_op',
+                'tests.helpers.cuda', 'tests.cuda.test_cutmix_on_cuda')
 STEP_VARIANTS = ('no mixing', 'ours', 'ours per-sample', 'timm Mixup', 'torchvision CutMix')
 NUM_CLASSES = 10
 
@@ -125,14 +126,14 @@ def import_core() -> dict[str, Any]:
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
-    from launch.bench_common import parse_shapes as parse
+    from launch.benchmarks.bench_common import parse_shapes as parse
 
     return parse(text)
 
 
 def run_op_benchmark(shapes: Sequence[tuple[int, int, int, int]], iters: int, device: str,
                      layouts: Sequence[str]) -> dict[str, Any]:
-    from launch.bench_op import op_markdown, run_op
+    from launch.benchmarks.bench_op import op_markdown, run_op
 
     rows = run_op(shapes, iters, device=device, layouts=layouts)
     for r in rows:  # the raw samples are large and say little in a summary
@@ -171,7 +172,7 @@ def time_train_steps(batch: int, size: int, iters: int, device: str, model_kind:
     from torchvision.transforms import v2
 
     from dist_cutmix.mixer import mix_batch_local
-    from launch.bench_common import median, paired_ratio, time_round_robin
+    from launch.benchmarks.bench_common import median, paired_ratio, time_round_robin
 
     dev = torch.device(device)
     cuda = dev.type == 'cuda'
@@ -274,7 +275,7 @@ def markdown(report: dict[str, Any]) -> str:
     for name, res in (('train step', report['steps'].get('train step', {}).get('result')),
                       ('cpu reference', (report['steps'].get('cpu reference', {}).get('result') or {}).get('step'))):
         if res:
-            from launch.bench_common import md_table
+            from launch.benchmarks.bench_common import md_table
 
             lines += ['', f"## {name}: one optimizer step, {res['model']}, batch {res['batch']}x3x{res['size']}x"
                       f"{res['size']}, {res['device']}, median of {res['iters']}", '',

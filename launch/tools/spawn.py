@@ -1,7 +1,7 @@
 """Run a function on W real ranks of this machine (gloo, or NCCL on GPUs), each in its own subprocess.
 
 The one spawner of this repository: the benchmark's exchange and step parts use it, and so do the
-tests (``tests/spawn.py`` adds what only tests want). Ranks meet through a ``FileStore`` in a
+tests (``tests/helpers/spawn.py`` adds what only tests want). Ranks meet through a ``FileStore`` in a
 folder of the caller's (no ports to collide on) and by default start from a ``forkserver`` with
 torch and Composer preloaded (about 0.1 s a rank instead of seconds of imports). CUDA ranks
 (``backend='nccl'``) start from fresh ``spawn`` interpreters instead, one GPU each: the forkserver

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / 'README.md'
 DOCS = sorted((ROOT / 'docs').glob('*.md'))
 PAGES = [README, *DOCS]
@@ -22,8 +22,9 @@ SETUP_COMMANDS = (
     "&& .venv-core/bin/python -m pytest -n 2 -q",
 )
 HAS_COMPOSER = importlib.util.find_spec('composer') is not None
-# A launch/ script's command line: after `python`, `composer -n N` or `torchrun --nproc_per_node N`.
-LAUNCH_COMMAND = r'(?:python|-n \d+|--nproc_per_node[ =]\d+) launch/(\w+)\.py([^`\n#&]*)'
+# A launch/ script's command line: after `python`, `composer -n N` or `torchrun --nproc_per_node N`; the script's
+# path below launch/ (`train`, `benchmarks/benchmark`, ...) and its arguments.
+LAUNCH_COMMAND = r'(?:python|-n \d+|--nproc_per_node[ =]\d+) launch/((?:\w+/)*\w+)\.py([^`\n#&]*)'
 
 
 def _name(page: Path) -> str:
@@ -80,28 +81,21 @@ def test_python_blocks_run(page):
 
 
 def _parsers():
-    from launch import (
-        bench_memory,
-        benchmark,
-        experiment,
-        gpu_check,
-        loss_spread,
-        scaling,
-        train,
-        train_plain,
-        visualize,
-    )
+    from launch import train, train_plain, visualize
+    from launch.benchmarks import bench_memory, benchmark, scaling
+    from launch.experiments import experiment, loss_spread
+    from launch.tools import gpu_check
 
     return {
         'train': train.parse_args,
         'train_plain': train_plain.parse_args,
-        'benchmark': benchmark._parse_args,
-        'bench_memory': bench_memory._parse_args,
-        'experiment': lambda argv: experiment.build_parser().parse_args(argv),
         'visualize': lambda argv: visualize.build_parser().parse_args(argv),
-        'scaling': lambda argv: scaling.build_parser().parse_args(argv),
-        'loss_spread': loss_spread.parse_args,
-        'gpu_check': lambda argv: gpu_check.build_parser().parse_args(argv),
+        'benchmarks/benchmark': benchmark._parse_args,
+        'benchmarks/bench_memory': bench_memory._parse_args,
+        'benchmarks/scaling': lambda argv: scaling.build_parser().parse_args(argv),
+        'experiments/experiment': lambda argv: experiment.build_parser().parse_args(argv),
+        'experiments/loss_spread': loss_spread.parse_args,
+        'tools/gpu_check': lambda argv: gpu_check.build_parser().parse_args(argv),
     }
 
 
@@ -114,6 +108,7 @@ def test_launch_commands_parse():
     for page in PAGES:
         for script, rest in re.findall(LAUNCH_COMMAND, page.read_text()):
             argv = rest.split()
+            assert (ROOT / 'launch' / f'{script}.py').exists(), f'{_name(page)} shows launch/{script}.py: no such file'
             if '--help' in argv:
                 continue
             assert script in parsers, f'{_name(page)} shows launch/{script}.py, which no test parses'
@@ -156,6 +151,37 @@ def test_links_resolve(page):
         assert target.exists(), f'{_name(page)} links to {link}, which does not exist'
         if anchor:
             assert anchor in _anchors(target), f'{_name(page)} links to {link}: no such heading in {path or "itself"}'
+
+
+# A path from the repository root named in prose, a command or a comment: launch/..., tests/..., docs/...
+PATH_IN_TEXT = r'(?<![\w/.\[-])((?:launch|tests|docs|dist_cutmix|\.ci)/[\w/.*-]*[\w*])'
+
+
+def _missing_paths(text: str, stems: bool = False) -> list[str]:
+    """The paths named in ``text`` that name nothing: no file or folder, no file for a glob (``tests/cuda/test_*.py``)
+    and, with ``stems``, no file for a stem either (an output name such as ``docs/results/experiment_results``)."""
+    missing = []
+    for path in sorted(set(re.findall(PATH_IN_TEXT, text))):
+        found = list(ROOT.glob(path)) if '*' in path else (ROOT / path).exists()
+        if not found and stems:
+            found = list(ROOT.glob(path + '.*'))
+        if not found:
+            missing.append(path)
+    return missing
+
+
+@pytest.mark.parametrize('page', PAGES, ids=_name)
+def test_paths_named_in_the_page_exist(page):
+    # Links are checked above; a path in prose or in a command is not a link, and a moved file leaves it behind.
+    missing = _missing_paths(page.read_text())
+    assert not missing, f'{_name(page)} names paths that do not exist: {missing}'
+
+
+def test_paths_named_in_launch_and_tests_exist():
+    # Docstrings and comments of the scripts and the tests point at files too (and at output stems).
+    files = [p for top in ('launch', 'tests') for p in (ROOT / top).rglob('*.py') if '__pycache__' not in p.parts]
+    stale = {_name(p): m for p in files if (m := _missing_paths(p.read_text(), stems=True))}
+    assert not stale, f'paths that name nothing: {stale}'
 
 
 def test_readme_links_every_docs_page():
