@@ -17,7 +17,7 @@ from composer.core import Algorithm, Event
 from dist_cutmix import CutMix
 from dist_cutmix import functional as F
 from dist_cutmix.randomness import batch_generator
-from tests.compat_models import make_data, run_cell
+from tests.helpers.compat_models import make_data, run_cell
 
 SEED, BATCH_SIZE = 17, 8
 

@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as TF
 
 pytest.importorskip('composer', reason='needs the composer extra')
-from tests.compat_models import (
+from tests.helpers.compat_models import (
     LAYOUTS,
     MODELS,
     NUM_CLASSES,
@@ -29,10 +28,12 @@ from tests.compat_models import (
     N,
     W,
     make_data,
+    reference_loss,
+    reference_metric,
     reference_partners,
     table_on_rank,
 )
-from tests.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 BATCH_SIZE, BATCHES = 4, 2
 CELLS = list(itertools.product(MODELS, LAYOUTS, TARGETS))
@@ -88,21 +89,6 @@ def _expected_target(model: str, targets: str, own: torch.Tensor, partner: torch
     return weight * eye[own] + (1 - weight) * eye[partner]
 
 
-def _loss(model: str, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if model == 'binary':
-        return TF.binary_cross_entropy_with_logits(outputs, target)
-    return TF.cross_entropy(outputs, target)
-
-
-def _metric_reference(model: str, outputs: torch.Tensor, target: torch.Tensor) -> float:
-    if model == 'binary':
-        return float(((outputs.sigmoid() > 0.5) == (target > 0.5)).float().mean())
-    predicted = outputs.argmax(1)
-    if target.is_floating_point():  # soft targets: the expected accuracy (target mass on the predicted class)
-        return float(target.gather(1, predicted[:, None]).mean())
-    return float((predicted == target).float().mean())
-
-
 @pytest.mark.parametrize('targets', TARGETS)
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('model', MODELS)
@@ -147,10 +133,10 @@ def test_cell_trains_and_matches_the_reference(table: Any, world: int, mode: str
                     rows = slice(offset, offset + n)
                     offset += n
                     if targets == 'interpolate' and model != 'segmentation':
-                        want = weight * _loss(model, mb['outputs'], y_all[ids][rows]) \
-                            + (1 - weight) * _loss(model, mb['outputs'], y_all[partners][rows])
+                        want = weight * reference_loss(model, mb['outputs'], y_all[ids][rows]) \
+                            + (1 - weight) * reference_loss(model, mb['outputs'], y_all[partners][rows])
                     else:
-                        want = _loss(model, mb['outputs'], expected[rows])
+                        want = reference_loss(model, mb['outputs'], expected[rows])
                     torch.testing.assert_close(mb['loss'], want)
                     all_outputs.append(mb['outputs'])
                     all_targets.append(mb['target'])
@@ -159,7 +145,7 @@ def test_cell_trains_and_matches_the_reference(table: Any, world: int, mode: str
             assert len(logged) == 1, f'expected one train metric, got {sorted(logged)}'
             (values,) = logged.values()
             # Composer syncs train metrics over ranks: the reference is over every rank's samples.
-            want = _metric_reference(model, torch.cat(all_outputs), torch.cat(all_targets))
+            want = reference_metric(model, torch.cat(all_outputs), torch.cat(all_targets))
             assert values[b] == pytest.approx(want, abs=1e-6)
         else:
             assert not logged

@@ -15,8 +15,8 @@ from composer.utils import dist
 from dist_cutmix import CutMix
 from dist_cutmix import functional as F
 from dist_cutmix.randomness import batch_generator
-from tests.spawn import run_ranks
-from tests.trainer_utils import NUM_CLASSES, find_box, make_dataset, partner_ids, run_trainer, sample_ids
+from tests.helpers.spawn import run_ranks
+from tests.helpers.trainer_utils import NUM_CLASSES, find_box, make_dataset, partner_ids, run_trainer, sample_ids
 
 SEED = 17
 
@@ -341,7 +341,7 @@ def test_one_cutmix_serves_two_trainers_with_different_class_counts():
 def test_dense_targets_keep_the_stock_pixel_metric_without_wrapping():
     # wrap_train_metrics=False refuses metrics that would misread soft targets; dense targets are pasted,
     # not softened, so a stock pixel-accuracy metric is right and training goes on.
-    from tests.compat_models import run_cell
+    from tests.helpers.compat_models import run_cell
 
     out = run_cell('segmentation', 'tuple', 'soft', 'local')
     assert out['logged']['metrics/train/PixelAccuracy']
@@ -350,7 +350,7 @@ def test_dense_targets_keep_the_stock_pixel_metric_without_wrapping():
 
 
 def test_interpolate_loss_on_dense_targets_pastes_the_map_and_says_so():
-    from tests.compat_models import run_cell
+    from tests.helpers.compat_models import run_cell
 
     with pytest.warns(UserWarning, match='pasted into the target map'):
         run_cell('segmentation', 'dict', 'interpolate', 'local', batches=1)

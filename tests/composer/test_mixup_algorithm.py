@@ -31,10 +31,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from dist_cutmix import CutMix, MixUp, MixUpCutMix
 from dist_cutmix.distributed import BatchMismatchError
 from dist_cutmix.mixer import mix_batch_across_group
-from tests import compat_models as cm
-from tests.spawn import run_ranks
-from tests.test_compatibility import _loss, _metric_reference
-from tests.trainer_utils import NUM_CLASSES, make_dataset, run_trainer, sample_ids
+from tests.helpers import compat_models as cm
+from tests.helpers.spawn import run_ranks
+from tests.helpers.trainer_utils import NUM_CLASSES, make_dataset, run_trainer, sample_ids
 
 SOFT_CE_WARNING = '.*less than 1 total probability.*'
 EPS = 0.1
@@ -98,7 +97,8 @@ def soft_reference(y_own: torch.Tensor, y_partner: torch.Tensor, weight: torch.T
 
 def run_cell(model: str, layout: str, algorithm: Any, *, batches: int = 2, batch_size: int = 4,
              microbatch: Optional[int] = 2, extra: Optional[list] = None, dataset: Any = None) -> dict[str, Any]:
-    """A short real Trainer run of ``tests.compat_models``' model kind and layout; what the loss saw and the logs."""
+    """A short real Trainer run of a model kind and layout of :mod:`tests.helpers.compat_models`; what the loss saw
+    and the logs."""
     x, y = cm.make_data(model)
     dataset = dataset or cm.LayoutDataset(x, y, layout)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=dist.get_sampler(dataset, shuffle=False))
@@ -163,16 +163,16 @@ def check_cell(out: dict[str, Any], model: str, algorithm: Any, *, eps: float = 
             if interpolate:
                 w = weight[rows]
                 assert bool((w == w[0]).all())
-                want = w[0] * _loss(model, mb['outputs'], y_all[ids][rows]) \
-                    + (1 - w[0]) * _loss(model, mb['outputs'], y_all[partners][rows])
+                want = w[0] * cm.reference_loss(model, mb['outputs'], y_all[ids][rows]) \
+                    + (1 - w[0]) * cm.reference_loss(model, mb['outputs'], y_all[partners][rows])
             else:
-                want = _loss(model, mb['outputs'], seen[rows])
+                want = cm.reference_loss(model, mb['outputs'], seen[rows])
             torch.testing.assert_close(mb['loss'], want)
         metrics = {k: v for k, v in out['logged'].items() if k.startswith('metrics/train/')}
         if model in ('classifier', 'metric', 'binary'):
             (values,) = metrics.values()
             outputs = torch.cat([mb['outputs'] for mb in mbs])
-            assert values[b] == pytest.approx(_metric_reference(model, outputs, seen), abs=1e-6)
+            assert values[b] == pytest.approx(cm.reference_metric(model, outputs, seen), abs=1e-6)
         assert out['logged'][f'{prefix}/lambda'][b] == pytest.approx(float(weight.mean()), abs=1e-7)
     return mixes
 
@@ -423,7 +423,7 @@ def test_global_mode_equals_one_process_mixing_the_concatenated_batch(tmp_path):
     assert crossed > 0  # partners do come from the other rank
 
 
-# ---------------------------------------------------------------------------- 5. clear errors (issue item 7)
+# ---------------------------------------------------------------------------- 5. clear errors
 
 
 def _float_index_dataset(labels: torch.Tensor) -> TensorDataset:

@@ -47,3 +47,17 @@ def test_equal_rows_are_told_apart_only_when_their_labels_agree():
     assert locate_rows(whole[[3]].clone(), whole, labels=same).tolist() == [0]
     with pytest.raises(RowLookupError, match='whose partners differ'):
         locate_rows(whole[[3]].clone(), whole, labels=torch.tensor([5, 6, 7, 8]))
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_rows_of_a_batch_that_is_itself_a_view_are_counted_from_its_own_start(channels_last):
+    # The mixed batch may itself be a slice of a larger buffer (a user's batch pasted in place): a microbatch's
+    # rows are its offset from the batch's first row, not from the buffer's.
+    buffer = torch.rand(14, 3, 5, 6, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        buffer = buffer.to(memory_format=torch.channels_last)
+    for whole in (buffer[2:12], buffer[3::2]):
+        assert whole.storage_offset() > 0
+        expected = [list(range(i, min(i + 4, len(whole)))) for i in range(0, len(whole), 4)]
+        assert [locate_rows(part, whole).tolist() for part in whole.split(4)] == expected
+        assert locate_rows(whole[1::2], whole).tolist() == list(range(1, len(whole), 2))

@@ -1,4 +1,8 @@
-"""Tests of dist_cutmix.metrics: soft-target accuracy, the argmax wrapper and Composer's train metrics."""
+"""dist_cutmix.metrics in one process: soft-target accuracy against torchmetrics and a hand-written reference,
+the argmax wrapper against the bare metric on argmax labels, and ``prepare_train_metrics``.
+
+Synced over gloo ranks: tests/ranks/test_metrics_sync.py; in a Composer Trainer: tests/composer/test_train_metrics.py.
+"""
 from __future__ import annotations
 
 import copy
@@ -18,24 +22,7 @@ from torchmetrics.classification import (
 )
 
 from dist_cutmix.metrics import SoftTargetAccuracy, SoftTargetWrapper, prepare_train_metrics, soft_target_accuracy
-from tests.spawn import run_ranks
-
-
-def soft_batch(seed: int, n: int, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Random logits and CutMix-like targets ``lam * onehot(own) + (1 - lam) * onehot(partner)``, one λ per row."""
-    g = torch.Generator().manual_seed(seed)
-    preds = torch.randn(n, num_classes, generator=g)
-    own = torch.randint(0, num_classes, (n,), generator=g)
-    partner = torch.randint(0, num_classes, (n,), generator=g)
-    lam = torch.rand(n, 1, generator=g)
-    target = lam * F.one_hot(own, num_classes) + (1 - lam) * F.one_hot(partner, num_classes)
-    return preds, target
-
-
-def expected_accuracy(preds: Tensor, target: Tensor) -> Tensor:
-    """Reference: mean target mass on the argmax class, written out by hand."""
-    return (target * F.one_hot(preds.argmax(dim=1), target.shape[1])).sum(dim=1).mean()
-
+from tests.helpers.soft_targets import expected_accuracy, soft_batch
 
 # ----------------------------------------------------------------------------- SoftTargetAccuracy
 
@@ -267,139 +254,6 @@ def test_prepare_edge_cases() -> None:
         prepare_train_metrics({'tags': MultilabelAccuracy(num_labels=3)})
 
 
-# ----------------------------------------------------------------------------- two gloo ranks
-
-RANK_SIZES = (5, 11)  # uneven on purpose
-NUM_CLASSES = 4
-
-
-def _rank_data(rank: int) -> tuple[Tensor, Tensor]:
-    return soft_batch(100 + rank, RANK_SIZES[rank], NUM_CLASSES)
-
-
-def _make_metrics() -> dict[str, Any]:
-    return {
-        'accuracy': SoftTargetAccuracy(NUM_CLASSES),
-        'f1': SoftTargetWrapper(MulticlassF1Score(NUM_CLASSES, average='macro')),
-        'confmat': SoftTargetWrapper(MulticlassConfusionMatrix(NUM_CLASSES)),
-    }
-
-
-def _synced_metrics(rank: int, world_size: int) -> dict[str, Any]:
-    import torch.distributed as dist
-
-    assert dist.is_initialized() and dist.get_world_size() == world_size
-    preds, target = _rank_data(rank)
-    metrics = _make_metrics()
-    for metric in metrics.values():
-        metric.update(preds[:3], target[:3])
-        metric.update(preds[3:], target[3:])
-    synced = {name: metric.compute() for name, metric in metrics.items()}
-    synced['local_count'] = int(metrics['accuracy'].count)  # unsynced again after compute
-    return synced
-
-
-def test_two_ranks_sync_to_the_value_over_the_union(tmp_path: Any) -> None:
-    results = run_ranks(_synced_metrics, 2, tmp_path)
-    data = [_rank_data(rank) for rank in range(2)]
-    preds = torch.cat([p for p, _ in data])
-    target = torch.cat([t for _, t in data])
-    union = _make_metrics()
-    for metric in union.values():
-        metric.update(preds, target)
-    for rank, result in enumerate(results):
-        assert result['local_count'] == RANK_SIZES[rank]
-        for name, metric in union.items():
-            torch.testing.assert_close(result[name], metric.compute(), msg=f'rank {rank}, {name}')
-    # The synced accuracy is not rank 0's own: the test would notice a sync that did nothing.
-    assert not torch.allclose(results[0]['accuracy'], soft_target_accuracy(*data[0]))
-
-
-# ----------------------------------------------------------------------------- a real Composer Trainer
-
-
-def _train(num_batches: int, wrap: bool = True) -> tuple[Any, list[tuple[Tensor, Tensor]], Any]:
-    """Train a tiny ComposerClassifier with dist_cutmix.CutMix; return trainer, (outputs, targets) per batch, logger."""
-    from composer import Callback, Event, Trainer
-    from composer.loggers import InMemoryLogger
-    from composer.models import ComposerClassifier
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from dist_cutmix import CutMix
-
-    class Recorder(Callback):
-        def __init__(self) -> None:
-            self.batches: list[tuple[Tensor, Tensor]] = []
-
-        def run_event(self, event: Event, state: Any, logger: Any) -> None:
-            if event == Event.AFTER_FORWARD:
-                self.batches.append((state.outputs.detach().clone(), state.batch[1].detach().clone()))
-
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(16, 3, 8, 8, generator=g)
-    labels = torch.randint(0, 4, (16,), generator=g)
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-        torch.nn.Linear(8, 4),
-    )
-    train_metrics = [MulticlassAccuracy(num_classes=4, average='micro'),
-                     MulticlassF1Score(num_classes=4, average='macro')]
-    from torchmetrics import MetricCollection
-
-    model = ComposerClassifier(net, num_classes=4, train_metrics=MetricCollection(train_metrics))
-    recorder, in_memory = Recorder(), InMemoryLogger()
-    trainer = Trainer(
-        model=model,
-        train_dataloader=DataLoader(TensorDataset(images, labels), batch_size=4),
-        max_duration=f'{num_batches}ba',
-        algorithms=[CutMix(alpha=1.0, wrap_train_metrics=wrap)],
-        callbacks=[recorder],
-        loggers=[in_memory],
-        optimizers=torch.optim.SGD(net.parameters(), lr=0.5),
-        device='cpu',
-        seed=7,
-        progress_bar=False,
-        log_to_console=False,
-    )
-    trainer.fit()
-    return trainer, recorder.batches, in_memory
-
-
-def _per_batch(in_memory: Any, key: str) -> dict[int, Tensor]:
-    values: dict[int, Tensor] = {}
-    for timestamp, value in in_memory.data[key]:
-        values.setdefault(int(timestamp.batch), value)  # the epoch-end entry repeats the last batch
-    return values
-
-
-@pytest.mark.composer
-def test_trainer_reports_true_train_accuracy_on_mixed_targets() -> None:
-    num_batches = 4
-    trainer, batches, in_memory = _train(num_batches)
-    assert len(batches) == num_batches
-    assert any(bool((target.max(dim=1).values < 1).any()) for _, target in batches), 'CutMix mixed nothing'
-
-    accuracy = _per_batch(in_memory, 'metrics/train/MulticlassAccuracy')
-    f1 = _per_batch(in_memory, 'metrics/train/MulticlassF1Score')
-    for b, (outputs, target) in enumerate(batches):
-        assert target.shape == (4, 4)
-        torch.testing.assert_close(accuracy[b], expected_accuracy(outputs, target), msg=f'batch {b}')
-        reference_f1 = MulticlassF1Score(num_classes=4, average='macro')(outputs, target.argmax(dim=1))
-        torch.testing.assert_close(f1[b], reference_f1, msg=f'batch {b}')
-
-    metrics = trainer.state.train_metrics
-    assert isinstance(metrics['MulticlassAccuracy'], SoftTargetAccuracy)
-    assert isinstance(metrics['MulticlassF1Score'], SoftTargetWrapper)
-    torch.testing.assert_close(metrics['MulticlassAccuracy'].compute(), expected_accuracy(*batches[-1]))
-
-
-@pytest.mark.composer
-def test_trainer_without_wrapping_stops_with_the_fix() -> None:
-    with pytest.raises(ValueError, match=r"'MulticlassAccuracy' \(MulticlassAccuracy\).*wrap_train_metrics=True"):
-        _train(1, wrap=False)
-
-
 # ----------------------------------------------------------------------------- dense and binary targets
 
 
@@ -447,7 +301,6 @@ def test_bfloat16_predictions_score_soft_targets_at_full_precision() -> None:
     assert float(metric.compute()) == pytest.approx(0.5, abs=1e-7)
     metric.update(preds[:1], torch.tensor([[0.7, 0.3]]))
     assert float(metric.compute()) == pytest.approx((0.7 + 0.3 + 0.7) / 3, abs=1e-7)
-
 
 
 def _dense_soft_batch(seed: int, n: int, num_classes: int, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -2,7 +2,7 @@
 the draw's distribution, and every target kind and dtype through ``mix_batch_local``.
 
 Expected values come from Composer (``composer.functional.mixup_batch``), timm (``Mixup`` with its draws
-pinned) or the plain loops of :mod:`tests.mix_reference`, never from the code under test.
+pinned) or the plain loops of :mod:`tests.helpers.mix_reference`, never from the code under test.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dist_cutmix import mixup_batch
 from dist_cutmix.mixer import mix_batch_local
 from dist_cutmix.randomness import batch_generator
 from dist_cutmix.spec import MixSpec, sample_mix
-from tests.mix_reference import Draw, area, as_draw, mix_labels, mix_pixels
+from tests.helpers.mix_reference import Draw, area, as_draw, mix_labels, mix_pixels
 
 
 def composer_mixup_batch(*args, **kwargs):

@@ -16,8 +16,8 @@ from dist_cutmix import functional as F
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.randomness import batch_generator
 from dist_cutmix.spec import MixSpec, sample_mix
-from tests.test_cuda import assert_same
-from tests.test_cuda import make_input as cuda_make_input
+from tests.helpers.cuda import assert_same, assert_syncs
+from tests.helpers.cuda import make_input as cuda_make_input
 
 SEED, N, C, H, W, K = 99, 8, 3, 9, 7, 5
 
@@ -30,7 +30,7 @@ SWITCH = MixSpec(cutmix_alpha=1.0, mixup_alpha=0.8, prob=0.8, switch_prob=0.5, l
 
 
 def make_input(variant: str, n: int = N, seed: int = 0) -> Tensor:
-    """tests/test_cuda.py's batches (float32, bfloat16, uint8, channels_last), ``N`` images here."""
+    """tests.helpers.cuda's batches (float32, bfloat16, uint8, channels_last), ``N`` images here."""
     return cuda_make_input(variant, n, seed)
 
 
@@ -127,9 +127,9 @@ def test_switched_mix_batch_local_on_device_equals_cpu(variant: str, kind: str, 
 
 # ----------------------------------------------------------------------------- 2. host syncs
 
-# (mode, per_sample, kind) -> host syncs per call on one GPU, counted as tests/test_cuda.py counts them (sync
-# debug mode plus pageable copies): the switch adds none to CutMix's table in docs/design.md. The range check of
-# index labels (1); in the group's per-sample path the masked_select of the crops (1).
+# (mode, per_sample, kind) -> host syncs per call on one GPU, counted as tests/cuda/test_cutmix_on_cuda.py counts
+# them (sync debug mode plus pageable copies): the switch adds none to CutMix's table in docs/design.md. The range
+# check of index labels (1); in the group's per-sample path the masked_select of the crops (1).
 SWITCH_SYNCS = {
     ('local', False, 'soft'): 0, ('local', False, 'index'): 1,
     ('local', True, 'soft'): 0, ('local', True, 'index'): 1,
@@ -141,8 +141,6 @@ SWITCH_SYNCS = {
 @needs_cuda
 @pytest.mark.parametrize('mode, per_sample, kind', list(SWITCH_SYNCS))
 def test_switched_mixing_makes_the_documented_host_syncs(mode: str, per_sample: bool, kind: str) -> None:
-    from tests.test_cuda import assert_syncs
-
     x, y = make_input('float32').cuda(), make_target(kind).cuda()
     mix = mix_batch_local if mode == 'local' else mix_batch_across_group
     batch = mixing_batch(per_sample, 'local' if mode == 'local' else 'group')

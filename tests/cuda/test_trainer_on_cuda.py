@@ -1,7 +1,7 @@
 """CUDA with Composer: a one-GPU Composer ``Trainer`` under bf16 autocast mixes every batch as the CPU reference.
 
 Skipped without Composer (the GPU check machine has none) and without a CUDA GPU. The Trainer runs on an
-NCCL rank in a fresh ``spawn`` interpreter (:func:`tests.spawn.run_nccl_ranks`): Composer refuses a second
+NCCL rank in a fresh ``spawn`` interpreter (:func:`tests.helpers.spawn.run_nccl_ranks`): Composer refuses a second
 backend in a process that already holds a process group, and CUDA must not start in a forked rank.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from dist_cutmix import CutMix  # noqa: E402
 from dist_cutmix import functional as F  # noqa: E402
 from dist_cutmix.randomness import batch_generator  # noqa: E402
-from tests.spawn import run_nccl_ranks  # noqa: E402
-from tests.test_cuda import SEED, C, H, W, needs_cuda  # noqa: E402
+from tests.helpers.cuda import SEED, C, H, W, needs_cuda  # noqa: E402
+from tests.helpers.spawn import run_nccl_ranks  # noqa: E402
 
 TRAIN_N, TRAIN_BATCH, TRAIN_BATCHES, CLASSES = 24, 6, 3, 4
 

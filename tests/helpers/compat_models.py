@@ -237,3 +237,21 @@ def reference_partners(images: torch.Tensor, ids: torch.Tensor) -> tuple[tuple[i
 
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def reference_loss(model: str, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The loss a cell's model computes, written out: binary cross entropy for ``binary``, cross entropy else."""
+    if model == 'binary':
+        return TF.binary_cross_entropy_with_logits(outputs, target)
+    return TF.cross_entropy(outputs, target)
+
+
+def reference_metric(model: str, outputs: torch.Tensor, target: torch.Tensor) -> float:
+    """The train accuracy a cell should log, by hand: the expected accuracy (target mass on the predicted class)
+    for soft targets, the plain one for labels, thresholded at 0.5 for ``binary``."""
+    if model == 'binary':
+        return float(((outputs.sigmoid() > 0.5) == (target > 0.5)).float().mean())
+    predicted = outputs.argmax(1)
+    if target.is_floating_point():  # soft targets: the expected accuracy (target mass on the predicted class)
+        return float(target.gather(1, predicted[:, None]).mean())
+    return float((predicted == target).float().mean())

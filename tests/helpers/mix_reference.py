@@ -71,9 +71,23 @@ def mix_pixels(x: Tensor, draw: Draw) -> Tensor:
     return out
 
 
+def paste_per_sample(x: Tensor, params) -> Tensor:
+    """The plain per-sample CutMix loop over a ``PerSampleParams``: sample i takes its partner's unmixed pixels
+    inside box i; the input's layout is kept."""
+    out = x.clone()
+    for i, (y0, y1, x0, x1) in enumerate(params.boxes.tolist()):
+        out[i, ..., y0:y1, x0:x1] = x[int(params.indices[i]), ..., y0:y1, x0:x1]
+    return out
+
+
 def label_weight(lam: float) -> float:
     """λ on the 2**-10 label grid (half to even, as Python's round)."""
     return round(lam * GRID) / GRID
+
+
+def per_sample_label_weights(lam: Tensor) -> Tensor:
+    """Per-sample λ on the 2**-10 label grid: the documented label weight of each sample."""
+    return torch.round(lam * GRID) / GRID
 
 
 def mix_labels(y: Tensor, draw: Draw, kind: str, num_classes: int | None = None, smoothing: float = 0.0) -> Tensor:

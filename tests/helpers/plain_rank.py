@@ -1,4 +1,5 @@
-"""Run by ``torchrun -m tests.plain_rank OUT ARGS...`` in tests/test_plain.py: one rank of launch/train_plain.py.
+"""One rank of launch/train_plain.py, run by ``torchrun -m tests.helpers.plain_rank OUT ARGS...`` in
+tests/scripts/test_train_plain.py.
 
 The rank runs ``launch.train_plain.main(ARGS, record=True)`` (which joins the process group torchrun
 describes) and saves its summary, with every batch as loaded and as mixed, to ``OUT/rank{RANK}.pt``.

@@ -1,4 +1,4 @@
-"""The tests' way to run a function on W real ranks: :func:`launch.spawn.run_ranks`, plus what only
+"""The tests' way to run a function on W real ranks: :func:`launch.tools.spawn.run_ranks`, plus what only
 tests want.
 
 Ranks run single-threaded in a folder of the test's own ``tmp_path``, answer Composer's CPU query
@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from launch.spawn import COMPOSER_PRELOAD, FORKSERVER, answer_cpuinfo_from_constant
-from launch.spawn import run_ranks as _run_ranks
+from launch.tools.spawn import COMPOSER_PRELOAD, FORKSERVER, answer_cpuinfo_from_constant
+from launch.tools.spawn import run_ranks as _run_ranks
 
 # Preload this module too: every test's rank body is pickled from a module that imports it.
 FORKSERVER.set_forkserver_preload(['torch', 'torch.distributed', *COMPOSER_PRELOAD, 'dist_cutmix',
-                                   'launch.spawn', 'tests.spawn'])
+                                   'launch.tools.spawn', 'tests.helpers.spawn'])
 
 COLLECTIVE_TIMEOUT_S = 30.0
 
@@ -41,7 +41,7 @@ def run_ranks(
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` single-threaded ranks; return their results.
 
     ``fn`` must be importable (module level). ``backend`` and ``start_method`` are
-    :func:`launch.spawn.run_ranks`'s (gloo from the forkserver unless told). Raises :class:`RankError`
+    :func:`launch.tools.spawn.run_ranks`'s (gloo from the forkserver unless told). Raises :class:`RankError`
     carrying every failing rank's traceback when any rank raises, exits non-zero, or runs past ``deadline_s``.
     """
     return _run_ranks(

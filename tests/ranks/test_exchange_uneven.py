@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dist_cutmix.mixer import mix_batch_across_group
-from tests.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 SEED, C, K = 2024, 3, 5
 

@@ -12,7 +12,7 @@ from dist_cutmix import functional as F
 from dist_cutmix.distributed import BatchMismatchError, ExchangePlan
 from dist_cutmix.mixer import mix_batch_across_group
 from dist_cutmix.randomness import batch_generator
-from tests.spawn import RankError, run_ranks
+from tests.helpers.spawn import RankError, run_ranks
 
 SEED, BATCH, C, H, W, K = 1234, 7, 3, 12, 10, 5
 
@@ -255,7 +255,7 @@ def test_exchange_plan_delivers_each_partner_in_one_process():
         assert torch.equal(plan.partners, perm[offsets[d]:offsets[d] + sizes[d]])
 
 
-# ---------------------------------------------------------------------------- MixUp and MixUpCutMix (issue 16)
+# ---------------------------------------------------------------------------- MixUp and MixUpCutMix
 
 MISMATCHES = ['shape', 'dtype', 'kind', 'num_classes', 'ndim', 'label']
 

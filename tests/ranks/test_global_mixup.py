@@ -12,8 +12,8 @@ from dist_cutmix.distributed import BatchMismatchError
 from dist_cutmix.mixer import mix_batch_across_group
 from dist_cutmix.randomness import batch_generator
 from dist_cutmix.spec import MixSpec, sample_mix
-from tests.mix_reference import area, as_draw, exchange_bytes, mix_labels, mix_pixels, owner_of
-from tests.spawn import run_ranks
+from tests.helpers.mix_reference import area, as_draw, exchange_bytes, mix_labels, mix_pixels, owner_of
+from tests.helpers.spawn import run_ranks
 
 SEED, C, H, W, K = 4321, 3, 10, 12, 5
 

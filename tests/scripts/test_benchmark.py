@@ -1,4 +1,4 @@
-"""launch/benchmark.py runs every part at tiny sizes and reports what it should.
+"""launch/benchmarks/benchmark.py runs every part at tiny sizes and reports what it should.
 
 Timings are never asserted (they depend on the machine and its load); shapes of the report,
 positive numbers, byte counts (exact arithmetic) and the same-work checks inside the script are.
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,25 +15,11 @@ pytest.importorskip('composer', reason='needs the composer extra')
 pytest.importorskip('timm', reason="the op benchmark compares against timm: pip install '.[bench]'")
 pytest.importorskip('torchvision')
 
-_LAUNCH = str(Path(__file__).resolve().parents[1] / 'launch')
-if _LAUNCH not in sys.path:
-    sys.path.insert(0, _LAUNCH)
-
-import bench_exchange  # noqa: E402
-import bench_op  # noqa: E402
-import benchmark as bench  # noqa: E402
-
-from tests.spawn import run_nccl_ranks, run_ranks  # noqa: E402
+from launch.benchmarks import bench_exchange, bench_op  # noqa: E402
+from launch.benchmarks import benchmark as bench  # noqa: E402
+from tests.helpers.spawn import run_ranks  # noqa: E402
 
 TINY = ['--quick', '--op-shapes', '4x3x8x8', '--exchange-shapes', '4x3x8x8,2x1x6x6', '--iters', '2']
-
-
-@pytest.fixture
-def keep_threads():
-    """main() sets torch's thread count; give the test process its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _positive(x: float) -> bool:
@@ -150,22 +134,6 @@ def test_device_cuda_without_cuda_is_refused_clearly(monkeypatch, capsys, keep_t
         bench.run_op([(2, 3, 4, 4)], 1, device='cuda')
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA: --device cuda times the op on a GPU')
-def test_device_cuda_times_the_op_on_the_gpu(capsys, keep_threads):
-    report = bench.main(['--device', 'cuda', '--part', 'op', '--quick'])
-    assert report['environment']['gpu'] and report['exchange'] == [] and report['step'] == []
-    impls = {'floor', 'ours', 'ours+targets', 'ours cutmix_batch', 'composer', 'timm', 'torchvision'}
-    assert [(r['shape'], r['layout']) for r in report['op']] == [(list(s), k) for s in bench.QUICK['op_shapes']
-                                                                 for k in bench.LAYOUTS]
-    for row in report['op']:
-        assert row['device'] == 'cuda' and set(row['median_s']) == impls
-        assert all(_positive(v) for v in row['median_s'].values())
-        assert all(len(v) == row['iters'] for v in row['samples_s'].values())
-        assert all(_positive(v) for v in row['ratio'].values()) and _positive(row['floor_gbps'])
-    printed = capsys.readouterr().out
-    assert 'timed with CUDA events' in printed and '### The op: median ms per call' in printed
-
-
 def test_required_bytes_counts_each_crossing_crop_once():
     """Against a loop over samples: sample i on rank i // b takes its partner's pixels inside box i."""
     g = torch.Generator().manual_seed(3)
@@ -194,9 +162,7 @@ def test_mean_area_box_is_centred_and_close_to_the_mean_area(hw):
 
 def _launched_rank(rank: int, world: int, out: str) -> dict:
     """As under ``composer -n 2``: the process group exists before the script starts."""
-    import benchmark
-
-    return benchmark.main(['--part', 'exchange', *TINY, '--json', out])
+    return bench.main(['--part', 'exchange', *TINY, '--json', out])
 
 
 def test_under_a_launcher_the_exchange_runs_on_its_process_group(tmp_path):
@@ -209,10 +175,8 @@ def test_under_a_launcher_the_exchange_runs_on_its_process_group(tmp_path):
 
 
 def _launched_wrong_part(rank: int, world: int) -> str:
-    import benchmark
-
     try:
-        benchmark.main(['--part', 'op', '--quick'])
+        bench.main(['--part', 'op', '--quick'])
     except SystemExit as e:
         return str(e)
     return 'no error'
@@ -223,12 +187,12 @@ def test_under_a_launcher_other_parts_are_refused(tmp_path):
     assert all('only --part exchange' in m for m in messages)
 
 
-# ---------------------------------------------------------------- launch/bench_memory.py
+# ---------------------------------------------------------------- launch/benchmarks/bench_memory.py
 
 
 def test_memory_on_cpu_measures_what_the_formula_says(tmp_path, capsys):
     # N=4 samples of 3x8x8 float32 in microbatches of 2: B = 3,072 bytes, b = 1,536.
-    from launch import bench_memory
+    from launch.benchmarks import bench_memory
 
     out = tmp_path / 'mem.json'
     report = bench_memory.main(['--batch', '4x3x8x8', '--microbatch', '2', '--steps', '1', '--json', str(out)])
@@ -257,7 +221,7 @@ def test_memory_on_cpu_measures_what_the_formula_says(tmp_path, capsys):
 
 
 def test_memory_counts_distinct_storages_of_input_shaped_tensors():
-    from launch.bench_memory import input_bytes_alive
+    from launch.benchmarks.bench_memory import input_bytes_alive
 
     shape = (3, 5, 7)  # no other live tensor in the test process has these trailing sizes
     before = input_bytes_alive('cpu', shape, torch.float32)
@@ -274,14 +238,14 @@ def test_memory_counts_distinct_storages_of_input_shaped_tensors():
 @pytest.mark.parametrize('argv', [['--microbatch', '0'], ['--batch', '4x3x8x8', '--microbatch', '5'],
                                   ['--batch', '4x3x8x8,2x3x8x8'], ['--steps', '0'], ['--device', 'tpu']])
 def test_memory_bad_arguments_are_refused(argv):
-    from launch import bench_memory
+    from launch.benchmarks import bench_memory
 
     with pytest.raises(SystemExit):
         bench_memory._parse_args(argv)
 
 
 def test_memory_device_cuda_without_cuda_is_refused_clearly(monkeypatch, capsys):
-    from launch import bench_memory
+    from launch.benchmarks import bench_memory
 
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(RuntimeError, match='--device cuda: CUDA is not available'):
@@ -291,37 +255,7 @@ def test_memory_device_cuda_without_cuda_is_refused_clearly(monkeypatch, capsys)
         bench_memory.measure('cuda', (4, 3, 8, 8), 2)
 
 
-def _memory_on_cuda_rank(rank: int, world_size: int) -> tuple[list, str]:
-    from launch import bench_memory
-
-    report = bench_memory.main(['--device', 'cuda', '--batch', '64x3x64x64', '--microbatch', '8', '--steps', '2'])
-    return report['rows'], bench_memory.memory_markdown(report['rows'])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs CUDA: bench_memory --device cuda trains on a GPU (Trainer device='gpu') and reads "
-                           'torch.cuda.max_memory_allocated')
-def test_memory_on_cuda_measures_the_whole_batch_move(tmp_path):
-    # On a fresh NCCL rank: a CPU Trainer earlier in this pytest process left Composer's gloo group, and
-    # Composer refuses the NCCL one a GPU Trainer needs in the same process.
-    [(report_rows, printed)] = run_nccl_ranks(_memory_on_cuda_rank, 1, tmp_path)
-    rows = {r['variant']: r for r in report_rows}
-    big_b, small_b = 64 * 3 * 64 * 64 * 4, 8 * 3 * 64 * 64 * 4
-    # one microbatch (and Composer's deepcopy of it) without CutMix; the whole batch moved with it
-    assert {v: r['formula_bytes'] for v, r in rows.items()} == {
-        'without': 2 * small_b, 'CutMix()': 2 * big_b, 'CutMix(inplace=True)': 2 * big_b,
-        'CutMix(inplace=False)': 2 * big_b}
-    for name, r in rows.items():
-        assert r['device'] == 'cuda' and r['input_bytes'] == r['formula_bytes'], r
-        assert r['microbatches_per_step'] == [8, 8]
-        assert r['peak_bytes'] >= r['input_bytes'] > 0
-        assert r['between_steps_bytes'] == (0 if name == 'without' else big_b)  # the last mixed batch stays
-        if name != 'without':  # the peak grows by at least what the loop holds (1 MiB for allocator slack)
-            assert r['peak_added_bytes'] >= 2 * (big_b - small_b) - 2**20
-    assert 'peak allocated per step (MB)' in printed
-
-
-# ---------------------------------------------------------------- MixUp and MixUpCutMix rows (issue 16)
+# ---------------------------------------------------------------- MixUp and MixUpCutMix rows
 
 
 def test_mixup_part_reports_its_rows(capsys, keep_threads):

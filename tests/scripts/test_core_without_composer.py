@@ -15,7 +15,7 @@ import pytest
 
 import dist_cutmix
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 BLOCK_COMPOSER = '''
 import sys

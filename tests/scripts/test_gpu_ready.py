@@ -1,8 +1,9 @@
-"""The suite on a machine with GPUs: gloo ranks see no GPU, so nothing in them picks one by itself.
+"""The suite and the scripts on a machine with GPUs: gloo ranks see no GPU, so nothing in them picks one by
+itself; and the prepared GPU check, run here, stops only for want of CUDA and runs without Composer.
 
 On a GPU machine, code that chooses its own device takes the GPU whenever torch sees one: Composer's
 FSDP2 setup (``get_device()`` with no argument) and ``launch/train.py --device auto``. Inside a gloo
-rank that is wrong (Composer then wants NCCL, or a GPU ordinal one GPU lacks). ``launch.spawn``
+rank that is wrong (Composer then wants NCCL, or a GPU ordinal one GPU lacks). ``launch.tools.spawn``
 starts gloo ranks, and the forkserver they fork from, with ``CUDA_VISIBLE_DEVICES=''``. These tests
 check that environment where it is set, and the device choices it leads to; on a CPU-only host the
 choices are the CPU anyway, so the environment checks are what can fail here.
@@ -18,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.spawn import GLOO_RANK_ENV
+from launch.tools.spawn import GLOO_RANK_ENV
 from launch.train import _device_name
-from tests.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 
 def _environment_of_rank(rank: int, world_size: int) -> dict:
@@ -85,67 +86,9 @@ def test_composer_picks_the_cpu_in_a_gloo_rank(tmp_path: Path) -> None:
     assert run_ranks(_composer_device, 2, tmp_path, deadline_s=60) == ['DeviceCPU', 'DeviceCPU']
 
 
-# ----------------------------------------------------------------------------- a default device other than the CPU
-
-
-def _draws_and_mixes() -> dict[str, object]:
-    """Every draw and mix of CPU tensors the package offers without a process group, as plain values."""
-    from dist_cutmix import functional as F
-    from dist_cutmix.mixer import mix_batch_across_group, mix_batch_local
-
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(6, 3, 9, 7, generator=g, device='cpu')
-    labels = torch.randint(0, 5, (6,), generator=g, device='cpu')
-    dense = torch.randint(0, 5, (6, 9, 7), generator=g, device='cpu')
-    out: dict[str, object] = {}
-    params = F.sample_params(6, 9, 7, generator=torch.Generator().manual_seed(1))
-    out['params'] = (params.box, params.lam, params.indices)
-    fixed = F.sample_params(6, 9, 7, indices=[1, 2, 3, 4, 5, 0], length=0.5, generator=torch.Generator().manual_seed(1))
-    out['fixed'] = (fixed.box, fixed.lam, fixed.indices)
-    per = F.sample_params_per_sample(6, 9, 7, uniform_sampling=True, generator=torch.Generator().manual_seed(1))
-    out['per_sample_params'] = (per.boxes, per.lam, per.indices)
-    out['partners_with_a_fixed_point'] = F.sample_partners(2, generator=torch.Generator().manual_seed(0))
-    out['cutmix_batch'] = F.cutmix_batch(x, labels, generator=torch.Generator().manual_seed(2))
-    for per_sample in (False, True):
-        for name, target in (('index', labels), ('dense', dense)):
-            for how, mix in (('local', mix_batch_local), ('group of one', mix_batch_across_group)):
-                r = mix(x, target, seed=5, batch=4, num_classes=5, per_sample=per_sample)
-                out[f'{how} {name} per_sample={per_sample}'] = (
-                    r.input, r.target, r.partner_target, r.lam, r.box, r.partner_rank, r.partner_index)
-    return out
-
-
-def _assert_equal(a: object, b: object, what: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and b.device.type == 'cpu', f'{what}: {b!r}'
-        assert a.dtype == b.dtype and torch.equal(a, b), what
-    elif isinstance(a, (tuple, list)):
-        assert len(a) == len(b), what
-        for i, (u, v) in enumerate(zip(a, b, strict=True)):
-            _assert_equal(u, v, f'{what}[{i}]')
-    else:
-        assert a == b, what
-
-
-def test_draws_and_mixes_of_cpu_tensors_ignore_the_default_device() -> None:
-    # Under torch.set_default_device('cuda') a draw with a CPU generator and no device='cpu' raises a
-    # generator/device mismatch; 'meta' shows the same on a CPU-only host.
-    expected = _draws_and_mixes()
-    assert any(p < 1.0 for p in [expected['params'][1]]), 'the draw pastes no box: the check proves little'
-    torch.set_default_device('meta')
-    try:
-        actual = _draws_and_mixes()
-    finally:
-        torch.set_default_device(None)
-    assert torch.empty(1).device.type == 'cpu'
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        _assert_equal(expected[key], actual[key], key)
-
-
 # ----------------------------------------------------------------------------- the prepared GPU check
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _block_composer(folder: Path) -> Path:
@@ -157,7 +100,7 @@ def _block_composer(folder: Path) -> Path:
 
 def _run_gpu_check(outdir: Path, pythonpath: list[Path]) -> tuple[subprocess.CompletedProcess, dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in pythonpath), OMP_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, 'launch/gpu_check.py', str(outdir), '--quick'], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, 'launch/tools/gpu_check.py', str(outdir), '--quick'], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     report = json.loads((outdir / 'gpu_check.json').read_text())
     return proc, report
@@ -177,7 +120,7 @@ def _check_stopped_for_cuda_only(proc: subprocess.CompletedProcess, report: dict
     for impl in ('ours', 'timm', 'torchvision', 'floor'):
         assert 0 < row['median_s'][impl] < 1, (impl, row['median_s'])
     step = steps['cpu reference']['result']['step']
-    from launch.gpu_check import STEP_VARIANTS
+    from launch.tools.gpu_check import STEP_VARIANTS
 
     assert list(step['median_ms']) == list(STEP_VARIANTS) and all(v > 0 for v in step['median_ms'].values())
     md = (outdir / 'gpu_check.md').read_text()
@@ -197,8 +140,7 @@ def test_gpu_check_runs_without_composer(tmp_path: Path) -> None:
     probe = subprocess.run([sys.executable, '-c', 'import dist_cutmix.functional'], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
     if probe.returncode != 0 and 'composer is blocked' in probe.stderr:
-        pytest.skip('dist_cutmix/__init__.py still imports Composer: the core imports without it once Composer '
-                    'is an optional extra (issue 17)')
+        pytest.skip('dist_cutmix/__init__.py imports Composer: the core must import without it')
     proc, report = _run_gpu_check(tmp_path / 'out', [blocked, ROOT])
     _check_stopped_for_cuda_only(proc, report, tmp_path / 'out')
     assert report['steps']['environment']['result']['composer'] is None

@@ -1,4 +1,4 @@
-"""launch/scaling.py: its vectorised counts are ExchangePlan's, and the script keeps running."""
+"""launch/benchmarks/scaling.py: its vectorised counts are ExchangePlan's, and the script keeps running."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import torch
 from dist_cutmix.distributed import ExchangePlan
 from dist_cutmix.functional import sample_params, sample_partners
 from dist_cutmix.randomness import batch_generator
-from launch import scaling
+from launch.benchmarks import scaling
 
 
 def _perms(n: int):
@@ -79,7 +79,7 @@ def test_rejects_a_world_that_is_not_whole_nodes():
 
 def test_design_doc_shows_what_the_script_computes():
     # The docs' scaling table is this script's output; its small rows are cheap to recompute.
-    design = (Path(__file__).resolve().parents[1] / 'docs' / 'design.md').read_text()
+    design = (Path(__file__).resolve().parents[2] / 'docs' / 'design.md').read_text()
     shown = [line for line in design.splitlines() if re.match(r'\| (8|64) \| ', line)]
     computed = scaling.markdown(scaling.scaling_rows([8, 64])).splitlines()[2:]
     assert shown == computed

@@ -1,45 +1,27 @@
-"""End-to-end smoke tests of the launch/ entry points, each at a tiny configuration on real data.
+"""launch/train.py end to end at a tiny configuration on real data: the single-process command, ``composer -n 2``,
+FSDP2 on CPU, one image per rank, resuming from a checkpoint, and the MixUp/timm-recipe flags.
 
-What runs where: the command-line paths (``python launch/train.py``, ``composer -n 2
-launch/train.py``, ``python launch/visualize.py``, ``python launch/experiment.py``) run as
-subprocesses, exactly as a user types them; the other multi-rank checks call ``launch.train.main``
-on real gloo ranks through ``tests.spawn.run_ranks`` (fast: torch and composer preloaded).
+The command lines run as subprocesses, exactly as a user types them; the other multi-rank checks call
+``launch.train.main`` on real gloo ranks through ``tests.helpers.spawn.run_ranks`` (fast: torch and composer
+preloaded).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip('composer', reason='needs the composer extra')
-from tests.spawn import run_ranks
+from tests.helpers.scripts import PYTHON, run_script
+from tests.helpers.spawn import run_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
 COMPOSER = shutil.which('composer', path=str(Path(PYTHON).parent)) or shutil.which('composer')
 
 # A tiny run: 8 steps of 8 images per rank on 64 training images, scored on 40 held-out ones.
 TINY = ['--batch-size', '8', '--train-samples', '64', '--eval-samples', '40', '--threads', '1', '--no-progress-bar']
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
-    env.pop('RANK', None)
-    env.pop('WORLD_SIZE', None)
-    return env
-
-
-def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (f'{" ".join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n'
-                                  f'--- stderr\n{proc.stderr[-5000:]}')
-    return proc
 
 
 def _check_summary(summary: dict, *, world_size: int, batches: int, batch_size: int = 8) -> None:
@@ -58,7 +40,7 @@ def _check_summary(summary: dict, *, world_size: int, batches: int, batch_size: 
 
 def test_single_process_cli_trains_logs_and_writes_a_summary(tmp_path):
     out = tmp_path / 'summary.json'
-    proc = _run([PYTHON, 'launch/train.py', *TINY, '--duration', '8ba', '--mode', 'local', '--json', str(out)])
+    proc = run_script([PYTHON, 'launch/train.py', *TINY, '--duration', '8ba', '--mode', 'local', '--json', str(out)])
     summary = json.loads(out.read_text())
     _check_summary(summary, world_size=1, batches=8)
     assert summary['mode'] == 'local' and summary['device'] == ('gpu' if torch.cuda.is_available() else 'cpu')
@@ -74,7 +56,7 @@ def test_single_process_cli_trains_logs_and_writes_a_summary(tmp_path):
 
 def test_per_sample_flag_reaches_cutmix_and_the_summary(tmp_path):
     out = tmp_path / 'summary.json'
-    proc = _run([PYTHON, 'launch/train.py', *TINY, '--duration', '2ba', '--mode', 'local', '--per-sample',
+    proc = run_script([PYTHON, 'launch/train.py', *TINY, '--duration', '2ba', '--mode', 'local', '--per-sample',
                  '--json', str(out)])
     summary = json.loads(out.read_text())
     _check_summary(summary, world_size=1, batches=2)
@@ -93,7 +75,7 @@ def test_per_sample_is_off_by_default():
 @pytest.mark.skipif(COMPOSER is None, reason='the composer launcher is not installed')
 def test_two_ranks_under_the_real_composer_launcher(tmp_path):
     out = tmp_path / 'summary.json'
-    proc = _run([COMPOSER, '-n', '2', 'launch/train.py', *TINY, '--duration', '4ba', '--mode', 'global',
+    proc = run_script([COMPOSER, '-n', '2', 'launch/train.py', *TINY, '--duration', '4ba', '--mode', 'global',
                  '--device', 'cpu', '--json', str(out)])
     summary = json.loads(out.read_text())
     _check_summary(summary, world_size=2, batches=4)
@@ -121,7 +103,7 @@ def test_two_ranks_with_fsdp2_on_cpu(tmp_path):
 
 
 def test_global_mixing_with_one_image_per_rank(tmp_path):
-    # The case global mixing exists for: a per-rank batch of 1 (launch/experiment.py runs it).
+    # The case global mixing exists for: a per-rank batch of 1 (launch/experiments/experiment.py runs it).
     # No --device: auto must take the CPU in a gloo rank, on a machine with GPUs too (test_gpu_ready.py).
     summaries = run_ranks(_train_on_rank, 2, tmp_path,
                           [*TINY, '--batch-size', '1', '--duration', '2ba', '--mode', 'global', '--seed', '2'],
@@ -193,7 +175,7 @@ def test_mixing_flags_reach_the_algorithm(argv, kind, spec, stop_at):
 def test_mode_none_builds_no_algorithm_and_keeps_alpha():
     from launch.train import build_algorithm, parse_args
 
-    # launch/loss_spread.py runs its baseline as --mode none --alpha A
+    # launch/experiments/loss_spread.py runs its baseline as --mode none --alpha A
     args = parse_args(['--mode', 'none', '--alpha', '0.5'])
     assert build_algorithm(args) is None and args.alpha == 0.5
 
@@ -273,7 +255,7 @@ def test_timm_recipe_line_under_the_composer_launcher_shows_composers_warning(tm
     # under 1, as with Composer's own LabelSmoothing): the script must show it, never filter it, and
     # the summary must say whether it came.
     out = tmp_path / 'summary.json'
-    proc = _run([COMPOSER, '-n', '2', 'launch/train.py', *RECIPE, *TINY, '--duration', '3ba', '--device', 'cpu',
+    proc = run_script([COMPOSER, '-n', '2', 'launch/train.py', *RECIPE, *TINY, '--duration', '3ba', '--device', 'cpu',
                  '--json', str(out)], timeout=300)
     summary = json.loads(out.read_text())
     _check_summary(summary, world_size=2, batches=3)
@@ -281,200 +263,3 @@ def test_timm_recipe_line_under_the_composer_launcher_shows_composers_warning(tm
     assert summary['mixup_alpha'] == 0.8 and summary['cutmix_alpha'] == 1.0 and summary['switch_prob'] == 0.5
     assert 'MixUpCutMix' in proc.stdout and 'world size 2' in proc.stdout
     assert summary['soft_cross_entropy_warned'] == ('less than 1 total probability' in proc.stderr)
-
-
-# ----------------------------------------------------------------------------- visualize.py
-
-
-def _mix_for_picture(rank: int, world_size: int) -> dict:
-    from launch.visualize import mix_on_rank
-
-    return mix_on_rank(rank, world_size, 3, 3, 0, 1.0)
-
-
-def test_visualize_captions_name_the_crop_each_image_received(tmp_path):
-    records = run_ranks(_mix_for_picture, 2, tmp_path, deadline_s=60)
-    y0, y1, x0, x1 = records[0]['box']
-    assert all(r['box'] == records[0]['box'] and r['lam'] == records[0]['lam'] for r in records)
-    assert (y1 - y0) * (x1 - x0) > 0
-    for rec in records:
-        for i in range(rec['mixed'].shape[0]):
-            p, j = int(rec['partner_rank'][i]), int(rec['partner_index'][i])
-            partner = records[p]['original'][j]
-            assert torch.equal(rec['mixed'][i, :, y0:y1, x0:x1], partner[:, y0:y1, x0:x1])
-            assert int(rec['partner_label'][i]) == int(records[p]['label'][j])
-    assert any(int(r) != rec['rank'] for rec in records for r in rec['partner_rank'])
-
-
-def _mix_per_sample_for_picture(rank: int, world_size: int) -> dict:
-    from launch.visualize import mix_on_rank
-
-    return mix_on_rank(rank, world_size, 4, 3, 0, 1.0, per_sample=True)
-
-
-def test_visualize_per_sample_pastes_each_partner_crop_inside_its_own_box(tmp_path):
-    records = run_ranks(_mix_per_sample_for_picture, 2, tmp_path, deadline_s=60)
-    boxes = torch.cat([r['box'] for r in records])
-    assert boxes.shape == (8, 4) and all(r['lam'].shape == (4,) for r in records)
-    assert len({tuple(b.tolist()) for b in boxes}) > 1  # not one box for the batch
-    for rec in records:
-        for i in range(rec['mixed'].shape[0]):
-            y0, y1, x0, x1 = (int(v) for v in rec['box'][i])
-            p, j = int(rec['partner_rank'][i]), int(rec['partner_index'][i])
-            partner, own = records[p]['original'][j], rec['original'][i]
-            assert torch.equal(rec['mixed'][i, :, y0:y1, x0:x1], partner[:, y0:y1, x0:x1])
-            outside = torch.ones(28, 28, dtype=torch.bool)
-            outside[y0:y1, x0:x1] = False
-            assert torch.equal(rec['mixed'][i, 0][outside], own[0][outside])
-            assert float(rec['lam'][i]) == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 28 ** 2)
-    assert any(int(r) != rec['rank'] for rec in records for r in rec['partner_rank'])
-
-
-def test_visualize_cli_writes_a_decodable_png(tmp_path):
-    from PIL import Image
-
-    out = tmp_path / 'grid.png'
-    _run([PYTHON, 'launch/visualize.py', '--out', str(out), '--per-rank', '2', '--dpi', '40'])
-    with Image.open(out) as img:
-        img.verify()
-    with Image.open(out) as img:
-        # figsize (2.3 * per_rank, 2.75 * 2 * world_size) inches at 40 dpi
-        assert img.format == 'PNG' and img.size == (184, 440)
-        rgb = torch.tensor(list(img.convert('RGB').getdata()))
-    red = (rgb[:, 0] > 200) & (rgb[:, 1] < 80) & (rgb[:, 2] < 80)
-    assert int(red.sum()) > 20  # the boxes are outlined
-
-
-def test_visualize_cli_per_sample_writes_its_own_png(tmp_path):
-    from PIL import Image
-
-    from launch.visualize import OUT_PER_SAMPLE, build_parser, default_out
-
-    assert default_out(build_parser().parse_args(['--per-sample'])) == OUT_PER_SAMPLE
-    out = tmp_path / 'grid.png'
-    proc = _run([PYTHON, 'launch/visualize.py', '--per-sample', '--out', str(out), '--per-rank', '2', '--dpi', '40'])
-    assert 'per-sample λ from' in proc.stdout
-    with Image.open(out) as img:
-        assert img.format == 'PNG' and img.size == (184, 440)
-        rgb = torch.tensor(list(img.convert('RGB').getdata()))
-    red = (rgb[:, 0] > 200) & (rgb[:, 1] < 80) & (rgb[:, 2] < 80)
-    assert int(red.sum()) > 20
-
-
-def _mix_switch_for_picture(rank: int, world_size: int) -> dict:
-    from launch.visualize import build_parser, mix_on_rank, switch_spec
-
-    args = build_parser().parse_args(['--switch'])
-    record = mix_on_rank(rank, world_size, 5, 8, 0, args.alpha, per_sample=True, spec=switch_spec(args))
-    record['spec'] = switch_spec(args)
-    return record
-
-
-def test_visualize_switch_shows_the_engines_images_and_names_each_method(tmp_path):
-    from PIL import Image
-
-    from dist_cutmix.randomness import batch_generator
-    from dist_cutmix.spec import MixSpec, sample_mix
-    from launch.train import MNIST_MEAN, MNIST_STD
-    from launch.visualize import OUT_SWITCH, build_parser, default_out, draw_grid, panels
-
-    assert default_out(build_parser().parse_args(['--switch'])) == OUT_SWITCH
-    records = run_ranks(_mix_switch_for_picture, 2, tmp_path, deadline_s=120)
-    # The reference: the draw of the global batch of 10 (rank 0's 5 images, then rank 1's), applied by hand.
-    spec = MixSpec(cutmix_alpha=1.0, mixup_alpha=0.8, prob=0.7, switch_prob=0.5, label_smoothing=0.1)
-    draw = sample_mix(spec, 10, 28, 28, per_sample=True, generator=batch_generator(8, 0, 'group', 0))
-    originals = torch.cat([r['original'] for r in records])
-    shown = {(p['rank'], p['index']): p for p in panels(records) if p['key'] == 'mixed'}
-    seen = set()
-    for g in range(10):
-        rank, i = divmod(g, 5)
-        y0, y1, x0, x1 = (int(v) for v in draw.boxes[g])
-        w = float(draw.weights[g])
-        own, partner = originals[g], originals[int(draw.indices[g])]
-        expected = own.clone()
-        expected[:, y0:y1, x0:x1] = (1 - w) * own[:, y0:y1, x0:x1] + w * partner[:, y0:y1, x0:x1]
-        method = 'unmixed' if (y1 - y0) * (x1 - x0) == 0 or w == 0 else 'CutMix' if w == 1 else 'MixUp'
-        seen.add(method)
-        rec, panel = records[rank], shown[(rank, i)]
-        torch.testing.assert_close(rec['mixed'][i], expected, rtol=0, atol=1e-6)
-        assert torch.equal(panel['image'], (rec['mixed'][i, 0] * MNIST_STD + MNIST_MEAN).clamp(0, 1))
-        assert panel['method'] == rec['method'][i] == method
-        lam = 1 - w * (y1 - y0) * (x1 - x0) / 784
-        if method == 'unmixed':
-            assert 'unmixed, λ=1' in panel['title'] and panel['outline'] is None
-        else:
-            assert f'\n{method} λ={lam:.2f}\n' in panel['title']
-            assert panel['outline'] == ((y0, y1, x0, x1), 'red' if method == 'CutMix' else 'tab:orange')
-            p, j = divmod(int(draw.indices[g]), 5)
-            assert f'← rank {p} #{j}' in panel['title']
-    assert seen == {'CutMix', 'MixUp', 'unmixed'}
-    png = draw_grid(records, str(tmp_path / 'switch.png'), dpi=40)
-    with Image.open(png) as img:
-        # figsize (2.3 * 5, 3.0 * 2 * 2) inches at 40 dpi
-        assert img.format == 'PNG' and img.size == (460, 480)
-        rgb = torch.tensor(list(img.convert('RGB').getdata()))
-    red = (rgb[:, 0] > 200) & (rgb[:, 1] < 80) & (rgb[:, 2] < 80)
-    orange = (rgb[:, 0] > 220) & (rgb[:, 1] > 100) & (rgb[:, 1] < 160) & (rgb[:, 2] < 60)
-    assert int(red.sum()) > 20 and int(orange.sum()) > 20  # CutMix boxes and MixUp frames are both drawn
-
-
-# ----------------------------------------------------------------------------- experiment.py
-
-
-def test_experiment_cli_at_a_tiny_configuration(tmp_path):
-    out = tmp_path / 'exp'
-    proc = _run([PYTHON, 'launch/experiment.py', '--world-size', '2', '--modes', 'local', 'global',
-                 '--batch-sizes', '1', '2', '--seeds', '0', '--train-samples', '8', '--eval-samples', '20',
-                 '--epochs', '1', '--out', str(out)], timeout=150)
-    payload = json.loads(out.with_suffix('.json').read_text())
-    assert payload['complete'] is True and len(payload['runs']) == 4
-    assert {(r['mode'], r['batch_size_per_rank']) for r in payload['runs']} == {
-        ('local', 1), ('global', 1), ('local', 2), ('global', 2)}
-    assert {r['samples_seen'] for r in payload['runs']} == {8}  # the same samples for every configuration
-    assert all(r['world_size'] == 2 and 0.0 <= r['eval_accuracy'] <= 1.0 for r in payload['runs'])
-    table = out.with_suffix('.md').read_text()
-    rows = [ln for ln in table.splitlines() if ln.startswith('| ') and ln[2].isdigit()]
-    assert len(rows) == 4 and '| global |' in table and '±' in table
-    assert table in proc.stdout
-
-
-# ----------------------------------------------------------------------------- loss_spread.py
-
-
-def test_loss_spread_statistics_on_a_known_series():
-    from launch.loss_spread import spread
-
-    s = spread([1.0, 2.0, 4.0, 7.0])
-    assert s['mean'] == pytest.approx(3.5)
-    assert s['std'] == pytest.approx(torch.tensor([1.0, 2.0, 4.0, 7.0]).std().item())
-    assert s['diff_std'] == pytest.approx(1.0)  # differences 1, 2, 3
-    assert spread([5.0]) == {'mean': 5.0, 'std': None, 'diff_std': None}
-
-
-def test_loss_spread_quick_writes_json_table_and_plot(tmp_path):
-    from PIL import Image
-
-    out, png = tmp_path / 'spread', tmp_path / 'spread.png'
-    proc = _run([PYTHON, 'launch/loss_spread.py', '--quick', '--out', str(out), '--plot', str(png)], timeout=150)
-    payload = json.loads(out.with_suffix('.json').read_text())
-    assert payload['complete'] is True and payload['setup']['quick'] is True
-    runs = {r['variant']: r for r in payload['runs']}
-    assert set(runs) == {'batch', 'per-sample', 'none'} and len(payload['runs']) == 3
-    for variant, r in runs.items():
-        assert r['world_size'] == 2 and r['global_batch_size'] == 16 and r['steps'] == 6 and len(r['loss']) == 6
-        assert len(r['lambda']) == (0 if variant == 'none' else 6)
-        assert set(r['stats']) >= {'loss_std', 'loss_diff_std', 'lambda_std', 'eval_accuracy', 'wall_s'}
-    # Batch mode: every rank logs the one λ; per-sample: each rank its own samples' mean.
-    assert runs['batch']['lambda'] == runs['batch']['lambda_rank0']
-    assert runs['per-sample']['stats']['lambda_std'] < runs['batch']['stats']['lambda_std']
-    summary = payload['summary']
-    assert set(summary['by_variant']) == {'batch', 'per-sample', 'none'}
-    assert set(summary['per_sample_over_batch']) == {'loss_std', 'loss_diff_std', 'loss_diff_std_2nd_half',
-                                                     'lambda_std'}
-    assert 0.0 <= summary['batch_loss_diff_r2_on_label_entropy'] <= 1.0
-    assert summary['expected_lambda_std']['global_batch_mean_std'] == pytest.approx(
-        summary['expected_lambda_std']['per_sample_lambda_std'] / 4)
-    table = out.with_suffix('.md').read_text()
-    assert table in proc.stdout and '| per-sample |' in table and '±' in table
-    with Image.open(png) as img:
-        assert img.format == 'PNG' and img.size == (880, 1045)

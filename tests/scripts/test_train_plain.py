@@ -21,9 +21,9 @@ from dist_cutmix import functional as F
 from dist_cutmix.mixer import mix_batch_across_group
 from dist_cutmix.randomness import batch_generator
 from launch import train_plain
-from tests.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TORCHRUN = shutil.which('torchrun', path=str(Path(PYTHON).parent))
 # 64 training images, 8 a rank a step: 4 steps an epoch on 2 ranks, 8 on one.
@@ -61,7 +61,7 @@ def _pixel_reference(x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch
 def test_two_torchrun_ranks_mix_as_one_process_on_the_concatenated_batch(tmp_path):
     out = tmp_path / 'ranks'
     out.mkdir()
-    _run([TORCHRUN, '--standalone', '--nproc_per_node', '2', '-m', 'tests.plain_rank', str(out),
+    _run([TORCHRUN, '--standalone', '--nproc_per_node', '2', '-m', 'tests.helpers.plain_rank', str(out),
           *TINY, '--epochs', '1', '--json', str(tmp_path / 'summary.json')])
     ranks = [torch.load(out / f'rank{r}.pt', weights_only=False) for r in range(2)]
     assert [s['world_size'] for s in ranks] == [2, 2] and [s['steps'] for s in ranks] == [4, 4]
