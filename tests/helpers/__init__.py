@@ -1,2 +1,4 @@
-"""Helpers shared by the tests: rank spawning, independent references, Composer models and Trainers, CUDA
-comparisons. No tests live here."""
+"""Helpers shared by the tests, no tests: rank spawning (``spawn``, ``plain_rank``), independent references
+(``mix_reference``, ``seen_draws``, ``soft_targets``), Composer models, Trainers and datasets (``trainer_utils``,
+``compat_models``, ``data_safety``), CUDA batches and the sync counter (``cuda``), and running a launch/ script
+(``scripts``)."""
