@@ -1,1 +1,2 @@
-"""Runnable entry points: ``train.py``, ``visualize.py``, ``experiment.py`` (and ``benchmark.py``)."""
+"""Runnable entry points: ``train.py`` (Composer), ``train_plain.py`` (a plain DDP loop) and ``visualize.py``; the
+benchmarks in ``benchmarks/``, the experiments in ``experiments/``, rank spawning and the GPU check in ``tools/``."""

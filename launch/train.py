@@ -103,7 +103,7 @@ def load_mnist(data_seed: int = 0, train_samples: Optional[int] = None,
 
 def _norm(channels: int) -> nn.GroupNorm:
     # GroupNorm, not BatchNorm: its statistics do not depend on the per-rank batch size, so runs at
-    # batch 1 and batch 8 per rank (see launch/experiment.py) train the same network.
+    # batch 1 and batch 8 per rank (see launch/experiments/experiment.py) train the same network.
     return nn.GroupNorm(min(8, channels // 2), channels)
 
 
@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=None,
                    help='torch threads per rank on CPU; default OMP_NUM_THREADS, else 1')
     p.add_argument('--no-train-metrics', dest='train_metrics', action='store_false',
-                   help='skip the train accuracy (saves its per-batch all-gather; launch/experiment.py uses this)')
+                   help='skip the train accuracy (saves its per-batch all-gather; '
+                        'launch/experiments/experiment.py uses this)')
     p.add_argument('--no-progress-bar', dest='progress_bar', action='store_false', help="hide Composer's progress bar")
     p.add_argument('--json', default=None, metavar='PATH', help='rank 0 writes the run summary here')
     return p
@@ -237,7 +238,7 @@ def _resolve_mixing(args: argparse.Namespace) -> None:
         ValueError: for flags that contradict each other or the mode, naming them.
     """
     if getattr(args, 'algorithm', None) is not None:
-        return  # already resolved (launch/experiment.py passes parsed arguments on)
+        return  # already resolved (launch/experiments/experiment.py passes parsed arguments on)
     given = [name for name in MIXING_FLAGS if getattr(args, name) is not None]
     if args.mode == 'none':
         extra = [_flag(n) for n in given] + (['--stop-at'] if args.stop_at is not None else [])
@@ -399,7 +400,7 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, series:
 
     With ``series=True`` the summary also holds ``series``: per training batch, the train loss
     (``loss/train/total``, averaged over the ranks), this rank's logged ``cutmix/lambda``
-    (``launch/loss_spread.py`` uses them) and the running algorithm's logged λ (``mix_lambda``).
+    (``launch/experiments/loss_spread.py`` uses them) and the running algorithm's logged λ (``mix_lambda``).
     """
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     start = time.perf_counter()

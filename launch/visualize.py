@@ -6,15 +6,15 @@ does at a training step. Rank 0 gathers every rank's originals and mixed images 
 rank, a row of originals and a row of mixed images with the pasted box outlined, each captioned
 ``rank r #i ← rank p #j, λ=…`` (whose crop it received) and with its soft target. With
 ``--per-sample`` the step is ``CutMix(mode='global', per_sample=True)``'s: every image has its own
-box and λ, and the default PNG is ``launch/cutmix_grid_per_sample.png``. With ``--switch`` it is
+box and λ, and the default PNG is ``docs/images/cutmix_grid_per_sample.png``. With ``--switch`` it is
 ``MixUpCutMix(mode='global', per_sample=True)``'s (timm's recipe, ``mode='elem'``, with ``--mix-prob``
 below 1): every image is CutMix (red box), MixUp (orange frame) or left unmixed, each captioned with
-its method and λ, in ``launch/mix_grid_switch.png``::
+its method and λ, in ``docs/images/mix_grid_switch.png``::
 
-    python launch/visualize.py --out launch/cutmix_grid.png     # spawns 2 ranks itself
-    python launch/visualize.py --per-sample                     # writes launch/cutmix_grid_per_sample.png
-    python launch/visualize.py --switch                         # writes launch/mix_grid_switch.png
-    composer -n 2 launch/visualize.py --out grid.png            # or let Composer's launcher start them
+    python launch/visualize.py --out docs/images/cutmix_grid.png  # spawns 2 ranks itself
+    python launch/visualize.py --per-sample                       # writes docs/images/cutmix_grid_per_sample.png
+    python launch/visualize.py --switch                           # writes docs/images/mix_grid_switch.png
+    composer -n 2 launch/visualize.py --out grid.png              # or let Composer's launcher start them
 """
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ import torch.distributed as torch_dist
 if __package__ in (None, ''):  # run as a script: make `launch` and `dist_cutmix` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.spawn import run_ranks  # noqa: E402
+from launch.tools.spawn import run_ranks  # noqa: E402
 from launch.train import MNIST_MEAN, MNIST_STD, NUM_CLASSES, load_mnist  # noqa: E402
 
 __all__ = ['build_parser', 'default_out', 'draw_grid', 'main', 'mix_methods', 'mix_on_rank', 'panels', 'switch_spec']
 
-OUT = 'launch/cutmix_grid.png'
-OUT_PER_SAMPLE = 'launch/cutmix_grid_per_sample.png'
-OUT_SWITCH = 'launch/mix_grid_switch.png'
+OUT = 'docs/images/cutmix_grid.png'
+OUT_PER_SAMPLE = 'docs/images/cutmix_grid_per_sample.png'
+OUT_SWITCH = 'docs/images/mix_grid_switch.png'
 
 
 def build_parser() -> argparse.ArgumentParser:

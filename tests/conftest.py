@@ -27,3 +27,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker('composer') is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def keep_threads():
+    """For tests of a script's main(), which sets torch's thread count: give the test process its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

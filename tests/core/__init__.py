@@ -1,1 +1,2 @@
-"""Tests of the mixing core without ranks: draws, pixel ops, targets, validation, metrics."""
+"""Core ops without ranks: drawing, pixels (batch and per-sample), targets, metrics and row lookup in one process,
+against independent references and the peers' own code."""

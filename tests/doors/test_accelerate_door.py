@@ -1,6 +1,6 @@
 """``dist_cutmix.accelerate.AcceleratedMixer`` under the real ``accelerate launch``, two CPU processes (gloo).
 
-Each launch runs tests/doors/accelerate_loop.py in fresh processes and is shared by the tests that read it (one
+Each launch runs tests/helpers/accelerate_loop.py in fresh processes and is shared by the tests that read it (one
 launch per pytest session, also across xdist workers). Two processes mix as one process mixing the concatenated
 batch; ``save_state`` / ``load_state`` resume bit for bit (mixed batches and final weights) from mid-epoch 0,
 mid-epoch 1 and an epoch end; the loader settings that cannot resume in order are refused on every process; a
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 from dist_cutmix import Mixer, SoftTargetAccuracy  # noqa: E402
-from tests.doors import accelerate_loop as loop  # noqa: E402
+from tests.helpers import accelerate_loop as loop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 240  # one launch: three processes importing torch and Accelerate, on two cores shared with others

@@ -11,7 +11,7 @@ import torch
 
 from dist_cutmix import Mixer, MixSpec, mix_batch_across_group, mix_batch_local
 from dist_cutmix.distributed import BatchMismatchError
-from tests.spawn import RankError, run_ranks
+from tests.helpers.spawn import RankError, run_ranks
 
 C, H, W, K = 3, 10, 12, 7
 RECIPE = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dist_cutmix import MixedCrossEntropy, MixedLabels, Mixer, SoftTargetAccuracy, mix_batch_local
 from dist_cutmix.distributed import BatchMismatchError
-from tests.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 C, H, W, K = 3, 10, 12, 7
 RECIPE = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)

@@ -28,7 +28,7 @@ import dist_cutmix.mixer
 from dist_cutmix import MixSpec
 from dist_cutmix.draw import MixParams, PerSampleMixParams
 from dist_cutmix.timm import FastCollateMixup, Mixup
-from tests.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TIMM = importlib.util.find_spec('timm') is not None

@@ -29,8 +29,8 @@ import dist_cutmix.mixer  # noqa: E402
 from dist_cutmix import MixSpec  # noqa: E402
 from dist_cutmix.draw import MixParams, kept_share, sample_boxes  # noqa: E402
 from dist_cutmix.torchvision import CutMix, MixInputError, MixUp, RandomChoice  # noqa: E402
-from tests.doors import torchvision_ranks as ranks  # noqa: E402
-from tests.spawn import run_ranks  # noqa: E402
+from tests.helpers import torchvision_ranks as ranks  # noqa: E402
+from tests.helpers.spawn import run_ranks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 K = 5
