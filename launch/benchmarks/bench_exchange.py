@@ -22,13 +22,17 @@ import torch
 import torch.distributed as dist
 
 from dist_cutmix import functional as F
+from dist_cutmix.draw import MixParams, PerSampleMixParams, box_areas
+from dist_cutmix.pixels import gather_crops, paste_crops
+from dist_cutmix.pixels_per_sample import apply_per_sample, gather_box_pixels, paste_box_pixels
+from dist_cutmix.targets import mix_targets, mix_targets_per_sample
 from launch.benchmarks.bench_common import NUM_CLASSES, Shape, md_table, median, paired_ratio, shape_str, spawn_ranks
 
 __all__ = ['combine_exchange', 'exchange_markdown', 'exchange_rank', 'per_sample_markdown', 'required_bytes',
            'run_exchange']
 
 
-def _allgather_mix(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: torch.Tensor, params: F.CutMixParams,
+def _allgather_mix(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: torch.Tensor, params: MixParams,
                    rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The straightforward global CutMix (or MixUp: ``params.weight < 1``): all-gather the global batch, then
     mix locally (in place)."""
@@ -36,8 +40,8 @@ def _allgather_mix(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: to
     dist.all_gather(list(ybuf.chunk(world)), y)
     b = x.shape[0]
     partners = params.indices[rank * b:(rank + 1) * b]
-    F.paste_crops(x, F.gather_crops(buf, partners, params.box), params.box, inplace=True, weight=params.weight)
-    target = F.mix_targets(y, ybuf[partners], params.lam, params.box, kind='index', num_classes=NUM_CLASSES,
+    paste_crops(x, gather_crops(buf, partners, params.box), params.box, inplace=True, weight=params.weight)
+    target = mix_targets(y, ybuf[partners], params.lam, params.box, kind='index', num_classes=NUM_CLASSES,
                            weight=params.weight)
     return x, target
 
@@ -46,27 +50,27 @@ MATCH_CANDIDATES = 400  # batch-mode draws to pick from for the per-sample rows'
 MATCH_FIRST_BATCH = 1_000_000  # their batch indices start here, away from the timed ones
 
 
-def required_bytes(params: F.PerSampleParams, rank: int, batch: int, channels: int, elem: int, label: int) -> int:
+def required_bytes(params: PerSampleMixParams, rank: int, batch: int, channels: int, elem: int, label: int) -> int:
     """Bytes ``rank`` must send for one per-sample draw over ranks of ``batch`` samples each: for every
     sample on another rank whose partner is on ``rank``, the crop in the sample's box and one label."""
     n = len(params.indices)
     owner = torch.arange(n) // batch
     partner_owner = params.indices // batch
     boxes = params.boxes
-    area = F.box_areas(boxes)
+    area = box_areas(boxes)
     crossing = (partner_owner == rank) & (owner != rank)
     return int((area[crossing] * channels * elem + label).sum())
 
 
 def _allgather_mix_per_sample(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: torch.Tensor,
-                              params: F.PerSampleParams, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+                              params: PerSampleMixParams, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-sample reference: all-gather the global batch, mix it in one process, keep this rank's rows."""
     dist.all_gather(list(buf.chunk(world)), x.contiguous())
     dist.all_gather(list(ybuf.chunk(world)), y)
     b = x.shape[0]
     mine = slice(rank * b, (rank + 1) * b)
-    mixed = F.apply_cutmix_per_sample(buf, params)[mine]
-    target = F.mix_targets_per_sample(y, ybuf[params.indices[mine]], params.lam[mine], params.boxes[mine],
+    mixed = apply_per_sample(buf, params)[mine]
+    target = mix_targets_per_sample(y, ybuf[params.indices[mine]], params.lam[mine], params.boxes[mine],
                                       kind='index', num_classes=NUM_CLASSES)
     return mixed, target
 
@@ -81,7 +85,7 @@ def _per_sample_rank(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: 
     b, c, h, w = x.shape
     key = group_stream_key(None)
 
-    def draw(batch: int) -> F.PerSampleParams:  # what mix_batch_across_group(per_sample=True) draws
+    def draw(batch: int) -> PerSampleMixParams:  # what mix_batch_across_group(per_sample=True) draws
         return F.sample_params_per_sample(world * b, h, w, alpha=1.0, generator=batch_generator(seed, batch, *key))
 
     candidates = [(F.sample_params(world * b, h, w, alpha=1.0, generator=batch_generator(seed, j, *key)).lam, j)
@@ -124,7 +128,7 @@ def _per_sample_rank(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: 
 
 
 def _exchange_calls(x: torch.Tensor, y: torch.Tensor, world: int,
-                    seed: int) -> tuple[Callable[[int], F.CutMixParams], Callable[[int], tuple[Any, int]]]:
+                    seed: int) -> tuple[Callable[[int], MixParams], Callable[[int], tuple[Any, int]]]:
     """``params_of(batch)``, what :func:`mix_batch_across_group` draws for a batch index, and ``ours(batch)``,
     which mixes ``x`` and ``y`` globally in place and returns the result and its ``bytes_sent``."""
     from dist_cutmix.distributed import group_stream_key
@@ -133,7 +137,7 @@ def _exchange_calls(x: torch.Tensor, y: torch.Tensor, world: int,
 
     b, _, h, w = x.shape
 
-    def params_of(batch: int) -> F.CutMixParams:
+    def params_of(batch: int) -> MixParams:
         return F.sample_params(world * b, h, w, alpha=1.0,
                                generator=batch_generator(seed, batch, *group_stream_key(None)))
 
@@ -305,18 +309,18 @@ def _mix_spec(mode: str) -> Any:
     return MixSpec.mixup(MIXUP_ALPHA) if mode == 'mixup' else MixSpec(**MIXUPCUTMIX)
 
 
-def _as_per_sample(params: Any, height: int, width: int) -> F.PerSampleParams:
+def _as_per_sample(params: Any, height: int, width: int) -> PerSampleMixParams:
     """A batch draw as one region and weight per sample (a MixUp whose weight is 0 moves no pixels)."""
-    if isinstance(params, F.PerSampleParams):
+    if isinstance(params, PerSampleMixParams):
         return params
     n = len(params.indices)
     box = params.box if params.weight > 0 else (0, 0, 0, 0)
-    return F.PerSampleParams(torch.tensor([box] * n), torch.full((n,), params.lam, dtype=torch.float64),
+    return PerSampleMixParams(torch.tensor([box] * n), torch.full((n,), params.lam, dtype=torch.float64),
                              params.indices, torch.full((n,), params.weight, dtype=torch.float64))
 
 
 def _allgather_mix_rows(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybuf: torch.Tensor,
-                        params: F.PerSampleParams, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        params: PerSampleMixParams, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather the global batch, then mix this rank's rows only (in place): each takes its partner's
     pixels in its region, pasted or blended at its weight, as ours does when they arrive."""
     dist.all_gather(list(buf.chunk(world)), x.contiguous())
@@ -326,13 +330,13 @@ def _allgather_mix_rows(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, ybu
     partners, boxes = params.indices[mine], params.boxes[mine]
     weights = None if params.weights is None else params.weights[mine]
     rows = torch.arange(b)
-    F.paste_box_pixels(x, rows, F.gather_box_pixels(buf, partners, boxes), boxes, weights)
-    target = F.mix_targets_per_sample(y, ybuf[partners], params.lam[mine], boxes, kind='index',
+    paste_box_pixels(x, rows, gather_box_pixels(buf, partners, boxes), boxes, weights)
+    target = mix_targets_per_sample(y, ybuf[partners], params.lam[mine], boxes, kind='index',
                                       num_classes=NUM_CLASSES)
     return x, target
 
 
-def _split_bytes(params: F.PerSampleParams, rank: int, world: int, b: int, pixel_bytes: int,
+def _split_bytes(params: PerSampleMixParams, rank: int, world: int, b: int, pixel_bytes: int,
                  label_bytes: int) -> tuple[list[int], list[int]]:
     """Bytes this rank sends to and receives from each rank (itself included) in our exchange of ``params``:
     per row its region's pixels and its label, computed from the draw."""
@@ -342,7 +346,7 @@ def _split_bytes(params: F.PerSampleParams, rank: int, world: int, b: int, pixel
     plan = ExchangePlan.build(params.indices, sizes, rank)
 
     def by_rank(boxes: torch.Tensor, ranks: torch.Tensor) -> list[int]:
-        per_row = F.box_areas(boxes) * pixel_bytes + label_bytes
+        per_row = box_areas(boxes) * pixel_bytes + label_bytes
         return torch.bincount(ranks, weights=per_row.double(), minlength=world).long().tolist()
 
     dest = torch.repeat_interleave(torch.arange(world), torch.tensor(plan.send_counts))

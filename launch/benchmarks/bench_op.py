@@ -9,7 +9,7 @@ one plain ``copy_`` of the box region (read once, written once), on the same ten
 Batches of up to a million elements get 4x ``--iters`` calls (cheap, and relatively noisier).
 
 Per-sample boxes (``row['per_sample']``, in a round-robin of their own): ours
-(``apply_cutmix_per_sample(x, params, inplace=True)``, like ``ours`` on the same batch tensor),
+(``apply_mix(x, per_sample_params, inplace=True)``, like ``ours`` on the same batch tensor),
 timm's ``Mixup(mixup_alpha=0, cutmix_alpha=1, mode='elem')`` with each sample's box and λ pinned to
 ours (partner ``x.flip(0)``, which its API fixes) and our batch mode with one box whose area is the
 mean area of the per-sample boxes (same partners as ours). Each iteration's draw is shared by all
@@ -31,7 +31,10 @@ import numpy as np
 import torch
 
 from dist_cutmix import functional as F
-from dist_cutmix.draw import kept_share
+from dist_cutmix.draw import Box, MixParams, PerSampleMixParams, box_areas, kept_share
+from dist_cutmix.pixels import apply_mix
+from dist_cutmix.pixels_per_sample import apply_per_sample
+from dist_cutmix.targets import mix_targets, mix_targets_per_sample
 from launch.benchmarks.bench_common import (
     DEVICES,
     NUM_CLASSES,
@@ -65,13 +68,13 @@ def check_device(device: str) -> torch.device:
     return common_check_device(device, 'the op part')
 
 
-def _draw_params(n: int, h: int, w: int, count: int, seed: int, device: torch.device) -> list[F.CutMixParams]:
+def _draw_params(n: int, h: int, w: int, count: int, seed: int, device: torch.device) -> list[MixParams]:
     """``count`` CutMix draws (Beta(1, 1) box, partners), from one explicit generator; partners on ``device``."""
     g = torch.Generator().manual_seed(seed)
     draws = [F.sample_params(n, h, w, alpha=1.0, generator=g) for _ in range(count)]
     if device.type == 'cpu':
         return draws
-    return [F.CutMixParams(p.box, p.lam, p.indices.to(device)) for p in draws]
+    return [MixParams(p.box, p.lam, p.indices.to(device)) for p in draws]
 
 
 @contextmanager
@@ -117,7 +120,7 @@ def _pinned_timm(holder: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
         timm_mixup.cutmix_bbox_and_lam = original
 
 
-def _timm_elem_draw(p: F.PerSampleParams) -> dict[str, Any]:
+def _timm_elem_draw(p: PerSampleMixParams) -> dict[str, Any]:
     """``holder`` entries that pin timm's elem mode to the per-sample draw ``p`` (made before timing)."""
     lam = p.lam.numpy().astype(np.float32)
     boxes = [(tuple(b), float(lam64)) for b, lam64, lam32 in zip(p.boxes.tolist(), p.lam.tolist(), lam, strict=True)
@@ -125,12 +128,12 @@ def _timm_elem_draw(p: F.PerSampleParams) -> dict[str, Any]:
     return {'elem_lam': lam, 'elem_boxes': boxes}
 
 
-def _mean_area_box(boxes: torch.Tensor, height: int, width: int) -> F.Box:
+def _mean_area_box(boxes: torch.Tensor, height: int, width: int) -> Box:
     """One centred box of the image's aspect whose area is closest to the mean area of ``boxes``.
 
     Its height is within 2 rows of the aspect-true side, so it is as square as the batch boxes are.
     """
-    area = float(F.box_areas(boxes).double().mean())
+    area = float(box_areas(boxes).double().mean())
     side = min(round((area * height / width) ** 0.5), height)
     candidates = [(bh, min(width, round(area / bh)) if bh else 0)
                   for bh in range(max(side - 2, 0), min(side + 2, height) + 1)]
@@ -153,7 +156,7 @@ def _pinned_torchvision(holder: dict[str, Any]) -> Any:
     return cutmix
 
 
-def _check_same_work(x: torch.Tensor, y: torch.Tensor, p: F.CutMixParams, timm_mixup: Any, tv_cutmix: Any,
+def _check_same_work(x: torch.Tensor, y: torch.Tensor, p: MixParams, timm_mixup: Any, tv_cutmix: Any,
                      holder: dict[str, Any]) -> None:
     """Every implementation must produce the same pixels as ours for the same box and partners."""
     try:
@@ -162,15 +165,15 @@ def _check_same_work(x: torch.Tensor, y: torch.Tensor, p: F.CutMixParams, timm_m
         composer_cutmix_batch = None
     n = x.shape[0]
     holder.update(box=p.box, lam=p.lam)
-    expect = F.apply_cutmix(x, p)
-    flip = F.CutMixParams(p.box, p.lam, torch.arange(n, device=x.device).flip(0))
-    roll = F.CutMixParams(p.box, p.lam, (torch.arange(n, device=x.device) - 1) % n)
+    expect = apply_mix(x, p)
+    flip = MixParams(p.box, p.lam, torch.arange(n, device=x.device).flip(0))
+    roll = MixParams(p.box, p.lam, (torch.arange(n, device=x.device) - 1) % n)
     got = {
-        'ours in place': (F.apply_cutmix(x.clone(), p, inplace=True), expect),
+        'ours in place': (apply_mix(x.clone(), p, inplace=True), expect),
         'ours cutmix_batch': (F.cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices,
                                              generator=torch.Generator())[0], expect),
-        'timm': (timm_mixup(x.clone(), y)[0], F.apply_cutmix(x, flip)),
-        'torchvision': (tv_cutmix(x, y)[0], F.apply_cutmix(x, roll)),
+        'timm': (timm_mixup(x.clone(), y)[0], apply_mix(x, flip)),
+        'torchvision': (tv_cutmix(x, y)[0], apply_mix(x, roll)),
     }
     if composer_cutmix_batch is not None:
         got['composer'] = (composer_cutmix_batch(x, y, bbox=F.box_to_composer(p.box), indices=p.indices)[0], expect)
@@ -180,7 +183,7 @@ def _check_same_work(x: torch.Tensor, y: torch.Tensor, p: F.CutMixParams, timm_m
                                f'{x.dtype} on {x.device}: the benchmark would compare different work')
 
 
-def _profile_ours(x: torch.Tensor, draws: Sequence[Any], calls: int, apply: Any = F.apply_cutmix,
+def _profile_ours(x: torch.Tensor, draws: Sequence[Any], calls: int, apply: Any = apply_mix,
                   ) -> list[tuple[str, float]]:
     """Where ours' in-place apply spends its time: top aten ops by self CPU time, as shares."""
     from torch.profiler import ProfilerActivity, profile
@@ -197,26 +200,26 @@ def _profile_ours(x: torch.Tensor, draws: Sequence[Any], calls: int, apply: Any 
     return [(e.key, e.self_cpu_time_total / total) for e in top]
 
 
-def _draw_per_sample(n: int, h: int, w: int, count: int, seed: int) -> list[F.PerSampleParams]:
+def _draw_per_sample(n: int, h: int, w: int, count: int, seed: int) -> list[PerSampleMixParams]:
     """``count`` per-sample draws (Beta(1, 1) λ and box per sample, partners), on the CPU."""
     g = torch.Generator().manual_seed(seed + 7)  # a stream of its own: the batch draws stay as they were
     return [F.sample_params_per_sample(n, h, w, alpha=1.0, generator=g) for _ in range(count)]
 
 
-def _check_same_work_per_sample(x: torch.Tensor, y: torch.Tensor, p: F.PerSampleParams, batch: F.CutMixParams,
+def _check_same_work_per_sample(x: torch.Tensor, y: torch.Tensor, p: PerSampleMixParams, batch: MixParams,
                                 timm_elem: Any, holder: dict[str, Any]) -> None:
     """timm elem reproduces ours for the same boxes and pairing; our batch mode is per-sample with equal boxes."""
     n = x.shape[0]
     dev = x.device
-    flip = F.PerSampleParams(p.boxes, p.lam, torch.arange(n, device=dev).flip(0))
-    same_boxes = F.PerSampleParams(torch.tensor([batch.box] * n), torch.full((n,), batch.lam, dtype=torch.float64),
+    flip = PerSampleMixParams(p.boxes, p.lam, torch.arange(n, device=dev).flip(0))
+    same_boxes = PerSampleMixParams(torch.tensor([batch.box] * n), torch.full((n,), batch.lam, dtype=torch.float64),
                                    batch.indices)
     holder.update(_timm_elem_draw(p))
     got = {
-        'timm elem': (timm_elem(x.clone(), y)[0], F.apply_cutmix_per_sample(x, flip)),
-        'ours per-sample in place': (F.apply_cutmix_per_sample(x.clone(), p, inplace=True),
-                                     F.apply_cutmix_per_sample(x, p)),
-        'ours batch (mean area)': (F.apply_cutmix(x, batch), F.apply_cutmix_per_sample(x, same_boxes)),
+        'timm elem': (timm_elem(x.clone(), y)[0], apply_per_sample(x, flip)),
+        'ours per-sample in place': (apply_per_sample(x.clone(), p, inplace=True),
+                                     apply_per_sample(x, p)),
+        'ours batch (mean area)': (apply_mix(x, batch), apply_per_sample(x, same_boxes)),
     }
     for name, (a, b) in got.items():
         if not torch.equal(a, b):
@@ -224,33 +227,33 @@ def _check_same_work_per_sample(x: torch.Tensor, y: torch.Tensor, p: F.PerSample
                                f'{x.dtype} on {x.device}: the benchmark would compare different work')
 
 
-def _run_per_sample(x: torch.Tensor, y: torch.Tensor, draws: Sequence[F.PerSampleParams], iters: int, warmup: int,
+def _run_per_sample(x: torch.Tensor, y: torch.Tensor, draws: Sequence[PerSampleMixParams], iters: int, warmup: int,
                     timm_elem: Any, holder: dict[str, Any], cuda: bool) -> dict[str, Any]:
     """Per-sample boxes on ``x`` (in place): ours, timm elem and our batch mode at the same mean area."""
     h, w = x.shape[-2:]
     dev = x.device
-    ps = [F.PerSampleParams(p.boxes, p.lam, p.indices.to(dev)) for p in draws]
+    ps = [PerSampleMixParams(p.boxes, p.lam, p.indices.to(dev)) for p in draws]
     timm_draws = [_timm_elem_draw(p) for p in draws]
     batch = []
     for p in ps:
         box = _mean_area_box(p.boxes, h, w)
-        batch.append(F.MixParams(box, float(kept_share(torch.tensor([box]), h, w)[0]), p.indices))
+        batch.append(MixParams(box, float(kept_share(torch.tensor([box]), h, w)[0]), p.indices))
     _check_same_work_per_sample(x, y, ps[warmup], batch[warmup], timm_elem, holder)
 
     def ours(i: int) -> None:
-        F.apply_cutmix_per_sample(x, ps[i], inplace=True)
+        apply_per_sample(x, ps[i], inplace=True)
 
     def ours_targets(i: int) -> None:
         p = ps[i]
-        F.apply_cutmix_per_sample(x, p, inplace=True)
-        F.mix_targets_per_sample(y, y[p.indices], p.lam, p.boxes, kind='index', num_classes=NUM_CLASSES)
+        apply_per_sample(x, p, inplace=True)
+        mix_targets_per_sample(y, y[p.indices], p.lam, p.boxes, kind='index', num_classes=NUM_CLASSES)
 
     def timm(i: int) -> None:
         holder.update(timm_draws[i])
         timm_elem(x, y)
 
     def ours_batch(i: int) -> None:
-        F.apply_cutmix(x, batch[i], inplace=True)
+        apply_mix(x, batch[i], inplace=True)
 
     entries = dict(zip(PS_IMPLS, [ours, ours_targets, timm, ours_batch], strict=True))
     samples, faults = time_round_robin(entries, iters, warmup, cuda=cuda)
@@ -267,11 +270,11 @@ def _run_per_sample(x: torch.Tensor, y: torch.Tensor, draws: Sequence[F.PerSampl
         },
         'mean_box_share': statistics.fmean(1.0 - float(p.lam.mean()) for p in ps[used]),
         'batch_box_share': statistics.fmean(1.0 - p.lam for p in batch[used]),
-        'profile': _profile_ours(x, ps[used], max(3, min(iters, 20)), F.apply_cutmix_per_sample),
+        'profile': _profile_ours(x, ps[used], max(3, min(iters, 20)), apply_per_sample),
     }
 
 
-def _op_entries(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor, draws: Sequence[F.CutMixParams],
+def _op_entries(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor, draws: Sequence[MixParams],
                 holder: dict[str, Any], timm_mixup: Any, tv_cutmix: Any,
                 composer_cutmix_batch: Any) -> dict[str, Callable[[int], None]]:
     """The timed calls of one shape and layout, by ``IMPLS`` name: call ``i`` works on ``x`` in place with
@@ -283,12 +286,12 @@ def _op_entries(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor, draws: Sequ
         x[..., y0:y1, x0:x1].copy_(src[..., y0:y1, x0:x1])
 
     def ours(i: int) -> None:
-        F.apply_cutmix(x, draws[i], inplace=True)
+        apply_mix(x, draws[i], inplace=True)
 
     def ours_targets(i: int) -> None:
         p = draws[i]
-        F.apply_cutmix(x, p, inplace=True)
-        F.mix_targets(y, y[p.indices], p.lam, p.box, kind='index', num_classes=NUM_CLASSES)
+        apply_mix(x, p, inplace=True)
+        mix_targets(y, y[p.indices], p.lam, p.box, kind='index', num_classes=NUM_CLASSES)
 
     def ours_cutmix_batch(i: int) -> None:
         p = draws[i]
@@ -420,7 +423,7 @@ def op_markdown(rows: Sequence[dict[str, Any]]) -> str:
         [[shape_str(r['shape']), r['layout'], ', '.join(f'{k} {s:.0%}' for k, s in r['profile'])]
          + [r['faults_per_call'].get(k, float('nan')) for k in fault_impls] for r in rows],
     )
-    intro = ('`ours` = `apply_cutmix(x, params, inplace=True)` (as the algorithm uses it); `ours+targets` adds '
+    intro = ('`ours` = `apply_mix(x, params, inplace=True)` (as the algorithm uses it); `ours+targets` adds '
              '`mix_targets` (index -> soft, as the peers do); `ours cutmix_batch` is the out-of-place drop-in; '
              '`box share` is the mean share of the image pasted; `floor GB/s` counts its bytes read plus written.')
     if any(r.get('device') == 'cuda' for r in rows):
@@ -439,10 +442,10 @@ def op_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 PS_INTRO = ('Every sample its own box and λ (Beta(1, 1)), the same draw for all three at each call: '
-            '`ours per-sample` = `apply_cutmix_per_sample(x, params, inplace=True)`; '
+            '`ours per-sample` = `apply_mix(x, per_sample_params, inplace=True)`; '
             "`timm elem` = `Mixup(mixup_alpha=0, cutmix_alpha=1, mode='elem')` with each sample's box and λ pinned to "
             'ours (partner `x.flip(0)`), targets included; `ours batch (mean area)` = '
-            '`apply_cutmix(..., inplace=True)` with one centred box whose area is the mean area of the per-sample '
+            '`apply_mix(..., inplace=True)` with one centred box whose area is the mean area of the per-sample '
             'boxes. `box share` = mean pasted share (per-sample / the batch box).')
 
 
@@ -470,14 +473,14 @@ MIXUP_ALPHA = 0.2  # Composer's MixUp default; the pixel work does not depend on
 MIXUPCUTMIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)  # timm's DeiT recipe
 
 
-def _draw_mixup(n: int, h: int, w: int, count: int, seed: int) -> list[F.CutMixParams]:
+def _draw_mixup(n: int, h: int, w: int, count: int, seed: int) -> list[MixParams]:
     """``count`` batch MixUp draws (whole image, partner weight ``min(z, 1 - z)`` on the ``2**-10`` grid),
     leaving out the rare draw whose weight rounds to 0 (nothing to blend: every implementation would skip it)."""
     from dist_cutmix import MixSpec, sample_mix
 
     spec = MixSpec.mixup(MIXUP_ALPHA)
     g = torch.Generator().manual_seed(seed + 11)
-    draws: list[F.CutMixParams] = []
+    draws: list[MixParams] = []
     while len(draws) < count:
         p = sample_mix(spec, n, h, w, generator=g)
         if p.weight > 0:
@@ -485,7 +488,7 @@ def _draw_mixup(n: int, h: int, w: int, count: int, seed: int) -> list[F.CutMixP
     return draws
 
 
-def _draw_mixupcutmix(n: int, h: int, w: int, count: int, seed: int) -> list[F.PerSampleParams]:
+def _draw_mixupcutmix(n: int, h: int, w: int, count: int, seed: int) -> list[PerSampleMixParams]:
     """``count`` per-sample MixUpCutMix draws (``MIXUPCUTMIX``): each sample a CutMix box or a MixUp blend."""
     from dist_cutmix import MixSpec, sample_mix
 
@@ -496,23 +499,23 @@ def _draw_mixupcutmix(n: int, h: int, w: int, count: int, seed: int) -> list[F.P
 
 def _with_indices(p: Any, indices: torch.Tensor) -> Any:
     """The same draw with other partners (a peer's fixed pairing)."""
-    if isinstance(p, F.PerSampleParams):
-        return F.PerSampleParams(p.boxes, p.lam, indices, p.weights)
-    return F.CutMixParams(p.box, p.lam, indices, p.weight)
+    if isinstance(p, PerSampleMixParams):
+        return PerSampleMixParams(p.boxes, p.lam, indices, p.weights)
+    return MixParams(p.box, p.lam, indices, p.weight)
 
 
-def _timm_mixup_draw(p: F.CutMixParams, n: int) -> dict[str, Any]:
+def _timm_mixup_draw(p: MixParams, n: int) -> dict[str, Any]:
     """``holder`` entries that pin timm's batch and elem modes to the batch MixUp draw ``p`` (own weight 1 - m)."""
     keep = 1.0 - p.weight  # exact: the weight is on the 2**-10 grid
     return {'lam': keep, 'use_cutmix': False, 'elem_lam': np.full(n, keep, dtype=np.float32),
             'elem_cutmix': np.zeros(n, dtype=bool), 'elem_boxes': [], 'tv_lam': keep}
 
 
-def _timm_mixupcutmix_draw(p: F.PerSampleParams) -> dict[str, Any]:
+def _timm_mixupcutmix_draw(p: PerSampleMixParams) -> dict[str, Any]:
     """``holder`` entries that pin timm's elem mode to the per-sample draw ``p``: CutMix rows take their
     box and λ (asked for in sample order), MixUp rows blend at their own weight ``1 - m``."""
     weights = p.weights if p.weights is not None else torch.ones(len(p.lam), dtype=torch.float64)
-    cut = (weights == 1) & (F.box_areas(p.boxes) > 0)
+    cut = (weights == 1) & (box_areas(p.boxes) > 0)
     lam = p.lam.numpy().astype(np.float32)  # MixUp rows: 1 - m, exact; unmixed rows: 1
     boxes = [(tuple(b), float(lam64)) for b, lam64, lam32, c in zip(p.boxes.tolist(), p.lam.tolist(), lam,
                                                                     cut.tolist(), strict=True) if c and lam32 != 1.0]
@@ -528,7 +531,7 @@ def _pinned_torchvision_mixup(holder: dict[str, Any]) -> Any:
     return mixup
 
 
-def _check_same_mixup(x: torch.Tensor, y: torch.Tensor, p: F.CutMixParams, timm_mixup: Any, timm_elem: Any,
+def _check_same_mixup(x: torch.Tensor, y: torch.Tensor, p: MixParams, timm_mixup: Any, timm_elem: Any,
                       tv_mixup: Any, holder: dict[str, Any]) -> None:
     """Every MixUp implementation gives exactly our pixels for the same weight and pairing (and timm our targets).
 
@@ -542,27 +545,27 @@ def _check_same_mixup(x: torch.Tensor, y: torch.Tensor, p: F.CutMixParams, timm_
     n = x.shape[0]
     ar = torch.arange(n, device=x.device)
     holder.update(_timm_mixup_draw(p, n))
-    expect = F.apply_mix(x, p)
-    flip = F.apply_mix(x, _with_indices(p, ar.flip(0)))
+    expect = apply_mix(x, p)
+    flip = apply_mix(x, _with_indices(p, ar.flip(0)))
     timm_x, timm_y = timm_mixup(x.clone(), y)
     got = {
-        'ours in place': (F.apply_mix(x.clone(), p, inplace=True), expect),
+        'ours in place': (apply_mix(x.clone(), p, inplace=True), expect),
         'ours mixup_batch': (mixup_batch(x, y, mixing=p.weight, indices=p.indices)[0], expect),
         'composer': (composer_mixup_batch(x, y, mixing=p.weight, indices=p.indices)[0], expect),
         'timm': (timm_x, flip),
         'timm elem': (timm_elem(x.clone(), y)[0], flip),
-        'torchvision': (tv_mixup(x, y)[0], F.apply_mix(x, _with_indices(p, (ar - 1) % n))),
+        'torchvision': (tv_mixup(x, y)[0], apply_mix(x, _with_indices(p, (ar - 1) % n))),
     }
     for name, (a, b) in got.items():
         if not torch.equal(a, b):
             raise RuntimeError(f'{name} does not reproduce our MixUp (partner weight {p.weight}), input '
                                f'{tuple(x.shape)} {x.dtype} on {x.device}: the benchmark would compare different work')
-    ours_y = F.mix_targets(y, y.flip(0), p.lam, p.box, kind='index', num_classes=NUM_CLASSES)
+    ours_y = mix_targets(y, y.flip(0), p.lam, p.box, kind='index', num_classes=NUM_CLASSES)
     if not torch.allclose(timm_y, ours_y, rtol=0, atol=1e-6):
         raise RuntimeError(f'timm MixUp targets differ from ours by {float((timm_y - ours_y).abs().max()):.3g}')
 
 
-def _check_same_mixupcutmix(x: torch.Tensor, y: torch.Tensor, p: F.PerSampleParams, timm_elem: Any,
+def _check_same_mixupcutmix(x: torch.Tensor, y: torch.Tensor, p: PerSampleMixParams, timm_elem: Any,
                             holder: dict[str, Any]) -> None:
     """timm elem reproduces our per-sample MixUpCutMix pixels (pairing ``flip(0)``); in place equals a copy.
 
@@ -572,8 +575,8 @@ def _check_same_mixupcutmix(x: torch.Tensor, y: torch.Tensor, p: F.PerSamplePara
     n = x.shape[0]
     holder.update(_timm_mixupcutmix_draw(p))
     got = {
-        'timm elem': (timm_elem(x.clone(), y)[0], F.apply_mix(x, _with_indices(p, torch.arange(n).flip(0)))),
-        'ours per-sample in place': (F.apply_mix(x.clone(), p, inplace=True), F.apply_mix(x, p)),
+        'timm elem': (timm_elem(x.clone(), y)[0], apply_mix(x, _with_indices(p, torch.arange(n).flip(0)))),
+        'ours per-sample in place': (apply_mix(x.clone(), p, inplace=True), apply_mix(x, p)),
     }
     for name, (a, b) in got.items():
         if not torch.equal(a, b):
@@ -581,7 +584,7 @@ def _check_same_mixupcutmix(x: torch.Tensor, y: torch.Tensor, p: F.PerSamplePara
                                f'{x.dtype}: the benchmark would compare different work')
 
 
-def _mixup_entries(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor, draws: Sequence[F.CutMixParams],
+def _mixup_entries(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor, draws: Sequence[MixParams],
                    timm_draws: Sequence[dict[str, Any]], holder: dict[str, Any], timm_mixup: Any, timm_elem: Any,
                    tv_mixup: Any) -> dict[str, Callable[[int], None]]:
     """The timed MixUp calls by ``MIXUP_IMPLS`` name: call ``i`` blends ``x`` with ``draws[i]``'s weight."""
@@ -593,12 +596,12 @@ def _mixup_entries(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor, draws: S
         torch.add(x, src, out=x)
 
     def ours(i: int) -> None:
-        F.apply_mix(x, draws[i], inplace=True)
+        apply_mix(x, draws[i], inplace=True)
 
     def ours_targets(i: int) -> None:
         p = draws[i]
-        F.apply_mix(x, p, inplace=True)
-        F.mix_targets(y, y[p.indices], p.lam, p.box, kind='index', num_classes=NUM_CLASSES)
+        apply_mix(x, p, inplace=True)
+        mix_targets(y, y[p.indices], p.lam, p.box, kind='index', num_classes=NUM_CLASSES)
 
     def ours_mixup_batch(i: int) -> None:
         mixup_batch(x, y, mixing=draws[i].weight, indices=draws[i].indices)
@@ -622,19 +625,19 @@ def _mixup_entries(x: torch.Tensor, y: torch.Tensor, src: torch.Tensor, draws: S
                     strict=True))
 
 
-def _run_mixupcutmix(x: torch.Tensor, y: torch.Tensor, draws: Sequence[F.PerSampleParams], iters: int, warmup: int,
+def _run_mixupcutmix(x: torch.Tensor, y: torch.Tensor, draws: Sequence[PerSampleMixParams], iters: int, warmup: int,
                      timm_elem: Any, holder: dict[str, Any]) -> dict[str, Any]:
     """Per-sample MixUpCutMix on ``x`` (in place): ours against timm ``mode='elem'`` with the same draws."""
     timm_draws = [_timm_mixupcutmix_draw(p) for p in draws]
     _check_same_mixupcutmix(x, y, draws[warmup], timm_elem, holder)
 
     def ours(i: int) -> None:
-        F.apply_mix(x, draws[i], inplace=True)
+        apply_mix(x, draws[i], inplace=True)
 
     def ours_targets(i: int) -> None:
         p = draws[i]
-        F.apply_mix(x, p, inplace=True)
-        F.mix_targets_per_sample(y, y[p.indices], p.lam, p.boxes, kind='index', num_classes=NUM_CLASSES)
+        apply_mix(x, p, inplace=True)
+        mix_targets_per_sample(y, y[p.indices], p.lam, p.boxes, kind='index', num_classes=NUM_CLASSES)
 
     def timm(i: int) -> None:
         holder.update(timm_draws[i])
@@ -654,7 +657,7 @@ def _run_mixupcutmix(x: torch.Tensor, y: torch.Tensor, draws: Sequence[F.PerSamp
                                                               samples['ours per-sample+targets']),
         },
         'cutmix_share': statistics.fmean(float((w == 1).double().mean()) for w in weights) if weights else 0.0,
-        'profile': _profile_ours(x, used, max(3, min(iters, 20)), F.apply_mix),
+        'profile': _profile_ours(x, used, max(3, min(iters, 20)), apply_mix),
     }
 
 
@@ -717,7 +720,7 @@ def run_mixup_op(shapes: Sequence[Shape], iters: int, *, warmup: int = 2, seed: 
                 'ratio': ratio,
                 'mean_weight': statistics.fmean(p.weight for p in used),
                 'floor_gbps': median([moved / t / 1e9 for t in samples['floor'] if t > 0]),
-                'profile': _profile_ours(x, used, max(3, min(n_iters, 20)), F.apply_mix),
+                'profile': _profile_ours(x, used, max(3, min(n_iters, 20)), apply_mix),
                 'per_sample': _run_mixupcutmix(x, y, ps_draws, n_iters, warmup, timm_elem, holder),
             })
             del x, src, entries

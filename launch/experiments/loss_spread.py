@@ -133,10 +133,11 @@ def _entropy(lam: np.ndarray) -> np.ndarray:
 def lambda_std_per_sample(alpha: float, height: int = 28, width: int = 28, n: int = 200_000) -> float:
     """The std of one sample's label weight λ_i (the pixel share on the 2**-10 grid), from ``n`` draws."""
     from dist_cutmix import functional as F
+    from dist_cutmix.draw import on_label_grid
 
     g = torch.Generator().manual_seed(12345)
     params = F.sample_params_per_sample(n, height, width, alpha=alpha, generator=g)
-    return float(F.label_lambda(params.lam).std())
+    return float(on_label_grid(params.lam).std())
 
 
 def _mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float]]:

@@ -51,7 +51,8 @@ __all__ = ['CUDA_TEST_GLOB', 'build_parser', 'main', 'time_train_steps']
 CUDA_TEST_GLOB = 'tests/cuda/test_*.py'
 NO_CUDA = 'needs CUDA'
 CORE_MODULES = ('dist_cutmix.functional', 'dist_cutmix.randomness', 'dist_cutmix.distributed', 'dist_cutmix.mixer',
-                'dist_cutmix.metrics', 'launch.benchmarks.bench_common', 'launch.benchmarks.bench_op',
+                'dist_cutmix.metrics', 'dist_cutmix.loss', 'dist_cutmix.loop', 'launch.benchmarks.bench_common',
+                'launch.benchmarks.bench_op', 'launch.benchmarks.bench_loss',
                 'tests.helpers.cuda', 'tests.cuda.test_cutmix_on_cuda')
 STEP_VARIANTS = ('no mixing', 'ours', 'ours per-sample', 'timm Mixup', 'torchvision CutMix')
 NUM_CLASSES = 10
@@ -141,6 +142,16 @@ def run_op_benchmark(shapes: Sequence[tuple[int, int, int, int]], iters: int, de
         if r.get('per_sample'):
             r['per_sample'].pop('samples_s', None)
     return {'rows': rows, 'markdown': op_markdown(rows)}
+
+
+def run_loss_benchmark(device: str, iters: int, **sizes: Any) -> dict[str, Any]:
+    """The loss benchmark's rows (ours without dense targets against dense soft targets) on ``device``."""
+    from launch.benchmarks.bench_loss import loss_markdown, run_loss
+
+    rows = run_loss(device, iters=iters, **sizes)
+    for r in rows:
+        r.pop('samples_ms', None)
+    return {'rows': rows, 'markdown': loss_markdown(rows)}
 
 
 def _model(kind: str, device: Any) -> Any:
@@ -272,6 +283,10 @@ def markdown(report: dict[str, Any]) -> str:
         res = report['steps'].get(name, {}).get('result')
         if res and res.get('op', res).get('markdown'):
             lines += ['', f'## {name}: the op', '', res.get('op', res)['markdown']]
+    for name, res in (('loss benchmark', report['steps'].get('loss benchmark', {}).get('result')),
+                      ('cpu reference', (report['steps'].get('cpu reference', {}).get('result') or {}).get('loss'))):
+        if res and res.get('markdown'):
+            lines += ['', f'## {name}: the loss without dense targets, forward and backward', '', res['markdown']]
     for name, res in (('train step', report['steps'].get('train step', {}).get('result')),
                       ('cpu reference', (report['steps'].get('cpu reference', {}).get('result') or {}).get('step'))):
         if res:
@@ -298,11 +313,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def cpu_reference() -> dict[str, Any]:
         return {'op': run_op_benchmark(parse_shapes('8x3x16x16'), 2, 'cpu', ('float32',)),
-                'step': time_train_steps(4, 16, 2, 'cpu', 'tiny', warmup=1)}
+                'step': time_train_steps(4, 16, 2, 'cpu', 'tiny', warmup=1),
+                'loss': run_loss_benchmark('cpu', 2, n=8, classes=(5,))}
 
     check.run('cpu reference', cpu_reference)
     cuda = bool(env and env.get('cuda_available'))
-    rest = ('cuda tests', 'op benchmark', 'train step')
+    rest = ('cuda tests', 'op benchmark', 'loss benchmark', 'train step')
     if not cuda:
         import torch
 
@@ -316,6 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check.run('cuda tests', lambda: run_cuda_tests(outdir, args.tests_timeout))
         check.run('op benchmark', lambda: run_op_benchmark(parse_shapes(shapes_text), iters, 'cuda',
                                                            ('float32', 'bfloat16', 'channels_last')))
+        loss_sizes = dict(n=8, classes=(5,)) if args.quick else {}
+        check.run('loss benchmark', lambda: run_loss_benchmark('cuda', iters, **loss_sizes))
         check.run('train step', lambda: time_train_steps(step_batch, 32 if args.quick else 224, iters, 'cuda',
                                                          'tiny' if args.quick else 'resnet18'))
     failed = check.failed()

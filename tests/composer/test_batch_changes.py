@@ -16,6 +16,7 @@ from composer.core import Algorithm, Event
 
 from dist_cutmix import CutMix
 from dist_cutmix import functional as F
+from dist_cutmix.pixels import apply_mix
 from dist_cutmix.randomness import batch_generator
 from tests.helpers.compat_models import make_data, run_cell
 
@@ -27,7 +28,7 @@ def _full_mixed_batch(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     x, _ = make_data('classifier')
     ids = torch.arange(b * BATCH_SIZE, (b + 1) * BATCH_SIZE)
     params = F.sample_params(BATCH_SIZE, x.shape[-2], x.shape[-1], generator=batch_generator(SEED, b, 'local', 0))
-    mixed = F.apply_cutmix(x[ids], params)
+    mixed = apply_mix(x[ids], params)
     return mixed, ids, ids[params.indices], round(params.lam * 1024) / 1024
 
 

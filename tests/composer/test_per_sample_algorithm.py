@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dist_cutmix import functional as F
+from dist_cutmix.draw import PerSampleMixParams
 from dist_cutmix.randomness import batch_generator
 from tests.helpers.mix_reference import paste_per_sample, per_sample_label_weights
 from tests.helpers.seen_draws import read_draw
@@ -50,8 +51,9 @@ def test_trainer_mixes_per_sample_and_resumes_bit_for_bit(tmp_path, mode):
         else:
             parts = [F.sample_params_per_sample(4, 8, 8, generator=batch_generator(17, b, 'local', r))
                      for r in range(2)]
-            params = F.PerSampleParams(boxes=torch.cat([p.boxes for p in parts]), lam=torch.cat([p.lam for p in parts]),
-                                       indices=torch.cat([parts[0].indices, parts[1].indices + 4]))
+            params = PerSampleMixParams(boxes=torch.cat([p.boxes for p in parts]),
+                                        lam=torch.cat([p.lam for p in parts]),
+                                        indices=torch.cat([parts[0].indices, parts[1].indices + 4]))
         assert torch.equal(mixed, paste_per_sample(x, params))
         wgt = per_sample_label_weights(params.lam)[:, None].float()
         torch.testing.assert_close(target, wgt * torch.eye(4)[y] + (1 - wgt) * torch.eye(4)[y[params.indices]])

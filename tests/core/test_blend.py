@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_cutmix import functional as F
+from dist_cutmix.draw import MixParams, sample_partners
+from dist_cutmix.pixels import apply_mix, paste_crops
+from dist_cutmix.pixels_per_sample import gather_box_pixels, paste_box_pixels
 
 
 def composer_mixup_batch(*args, **kwargs):
@@ -46,10 +48,10 @@ def test_batch_mixup_equals_composer_bit_for_bit(shape, dtype, channels_last, in
     x = _batch(shape, dtype, channels_last)
     g = torch.Generator().manual_seed(1)
     for weight in (0.5, 0.1259765625, 2.0**-10, 0.3):  # 0.3 is off the 2**-10 grid: given mixings are used as is
-        indices = F.sample_partners(shape[0], generator=g)
-        params = F.CutMixParams((0, shape[2], 0, shape[3]), 1 - weight, indices, weight)
+        indices = sample_partners(shape[0], generator=g)
+        params = MixParams((0, shape[2], 0, shape[3]), 1 - weight, indices, weight)
         expect = composer_mixup_batch(x, torch.zeros(shape[0]), mixing=weight, indices=indices)[0]
-        got = F.apply_mix(x.clone(), params, inplace=inplace)
+        got = apply_mix(x.clone(), params, inplace=inplace)
         assert torch.equal(got, expect), (weight, (got - expect).abs().max())
         assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -59,11 +61,11 @@ def test_batch_mixup_equals_composer_bit_for_bit(shape, dtype, channels_last, in
 def test_batch_blend_in_a_box_equals_the_formula(shape, inplace):
     x = _batch(shape)
     n, _, h, w = shape
-    indices = F.sample_partners(n, generator=torch.Generator().manual_seed(2))
+    indices = sample_partners(n, generator=torch.Generator().manual_seed(2))
     box = (1, h - 2, 2, w - 1)
-    params = F.CutMixParams(box, 0.0, indices, 0.375)
+    params = MixParams(box, 0.0, indices, 0.375)
     expect = _reference(x, indices, torch.tensor([box] * n), torch.full((n,), 0.375))
-    assert torch.equal(F.apply_mix(x.clone(), params, inplace=inplace), expect)
+    assert torch.equal(apply_mix(x.clone(), params, inplace=inplace), expect)
 
 
 @pytest.mark.parametrize('shape', SHAPES)
@@ -79,7 +81,7 @@ def test_per_sample_blends_and_pastes_equal_the_formula(shape, dtype, inplace):
     for _ in range(4):
         p = sample_mix(spec, n, h, w, per_sample=True, generator=g)
         expect = _reference(x, p.indices, p.boxes, p.weights)
-        assert torch.equal(F.apply_mix(x.clone(), p, inplace=inplace), expect)
+        assert torch.equal(apply_mix(x.clone(), p, inplace=inplace), expect)
 
 
 @pytest.mark.parametrize('shape', SHAPES)
@@ -90,13 +92,13 @@ def test_paste_box_pixels_blends_arrivals_as_the_formula(shape):
     boxes = torch.tensor([[0, h, 0, w], [1, 3, 2, 5], [0, h, 0, w], [2, 4, 0, 3], [0, 0, 0, 0], [0, h, 0, w]])
     weights = torch.tensor([0.25, 1.0, 0.125, 1.0, 0.0, 0.5], dtype=torch.float64)
     rows = torch.tensor([3, 0, 1, 5, 2, 4])
-    pixels = F.gather_box_pixels(partner, torch.arange(n), boxes)
+    pixels = gather_box_pixels(partner, torch.arange(n), boxes)
     expect = x.clone()
     for k, (i, (y0, y1, x0, x1), wt) in enumerate(zip(rows.tolist(), boxes.tolist(), weights.tolist(), strict=True)):
         if y1 > y0 and x1 > x0:
             crop = partner[k, :, y0:y1, x0:x1]
             expect[i, :, y0:y1, x0:x1] = crop if wt == 1 else x[i, :, y0:y1, x0:x1] * (1 - wt) + crop * wt
-    assert torch.equal(F.paste_box_pixels(x.clone(), rows, pixels, boxes, weights), expect)
+    assert torch.equal(paste_box_pixels(x.clone(), rows, pixels, boxes, weights), expect)
 
 
 @pytest.mark.parametrize('shape', SHAPES)
@@ -106,7 +108,7 @@ def test_paste_crops_with_a_weight_leaves_the_callers_crops_alone(shape, channel
     x = _batch(shape, channels_last=channels_last)
     crops = _batch(shape, seed=9)[..., 2:h - 1, 1:w - 2].contiguous()
     before = crops.clone()
-    got = F.paste_crops(x, crops, (2, h - 1, 1, w - 2), weight=0.25)
+    got = paste_crops(x, crops, (2, h - 1, 1, w - 2), weight=0.25)
     expect = x.clone()
     expect[..., 2:h - 1, 1:w - 2] = x[..., 2:h - 1, 1:w - 2] * 0.75 + crops * 0.25
     assert torch.equal(got, expect) and torch.equal(crops, before)

@@ -9,12 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dist_cutmix import functional as F
-from dist_cutmix.draw import sample_beta
+from dist_cutmix.draw import Box, sample_beta, sample_partners
 from dist_cutmix.functional import cutmix_batch
+from dist_cutmix.pixels import apply_mix
 from dist_cutmix.randomness import batch_generator
+from dist_cutmix.targets import mix_targets
+from dist_cutmix.validation import target_kind
 
 
-def _reference(x: torch.Tensor, indices: torch.Tensor, box: F.Box) -> torch.Tensor:
+def _reference(x: torch.Tensor, indices: torch.Tensor, box: Box) -> torch.Tensor:
     """Per-sample mask blend: own pixels outside the box, the partner's inside."""
     y0, y1, x0, x1 = box
     mask = torch.zeros(x.shape[-2:], dtype=torch.bool)
@@ -60,7 +63,7 @@ def test_targets_are_lambda_own_plus_one_minus_lambda_partner(kind):
     target = labels if kind == 'index' else torch.softmax(torch.randn(n, c), 1)
     params = F.sample_params(n, 10, 10, generator=_gen(4))
     partner = target[params.indices]
-    mixed = F.mix_targets(target, partner, params.lam, params.box, kind=kind, num_classes=c)
+    mixed = mix_targets(target, partner, params.lam, params.box, kind=kind, num_classes=c)
     own = torch.eye(c)[labels] if kind == 'index' else target
     other = own[params.indices]
     weight = round(params.lam * 1024) / 1024  # the label weight: λ on a 2**-10 grid
@@ -73,9 +76,9 @@ def test_dense_targets_get_the_box_pasted():
     x = torch.randn(4, 3, 9, 11)
     seg = torch.randint(0, 3, (4, 9, 11))
     params = F.sample_params(4, 9, 11, box=(2, 7, 1, 6), generator=_gen())
-    mixed = F.mix_targets(seg, seg[params.indices], params.lam, params.box, kind='dense')
+    mixed = mix_targets(seg, seg[params.indices], params.lam, params.box, kind='dense')
     assert torch.equal(mixed, _reference(seg.unsqueeze(1), params.indices, params.box).squeeze(1))
-    assert F.target_kind(seg, x) == 'dense'
+    assert target_kind(seg, x) == 'dense'
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8])
@@ -94,7 +97,7 @@ def test_inplace_apply_touches_only_the_box_and_keeps_the_tensor():
     x = torch.randn(5, 3, 8, 8).to(memory_format=torch.channels_last)
     expected_src = x.clone()
     params = F.sample_params(5, 8, 8, box=(1, 5, 2, 7), generator=_gen())
-    out = F.apply_cutmix(x, params, inplace=True)
+    out = apply_mix(x, params, inplace=True)
     assert out is x
     assert torch.equal(out, _reference(expected_src, params.indices, params.box))
 
@@ -116,10 +119,10 @@ def test_alpha_zero_disables_mixing():
 def test_partners_exclude_self_by_default_and_cover_the_batch():
     for n in range(2, 40):
         for seed in range(5):
-            perm = F.sample_partners(n, generator=_gen(seed))
+            perm = sample_partners(n, generator=_gen(seed))
             assert sorted(perm.tolist()) == list(range(n))
             assert not (perm == torch.arange(n)).any()
-    plain = [F.sample_partners(4, exclude_self=False, generator=_gen(s)) for s in range(200)]
+    plain = [sample_partners(4, exclude_self=False, generator=_gen(s)) for s in range(200)]
     assert any((p == torch.arange(4)).any() for p in plain)  # the paper's plain permutation keeps self-pairs
 
 
@@ -174,7 +177,7 @@ def test_bad_input_names_argument_and_value(call, match):
 
 def test_index_targets_out_of_range_are_rejected():
     with pytest.raises(ValueError, match=r'index targets must lie in \[0, num_classes=3\), got values in \[0, 5\]'):
-        F.mix_targets(torch.tensor([0, 5]), torch.tensor([5, 0]), 0.5, (0, 1, 0, 1), kind='index', num_classes=3)
+        mix_targets(torch.tensor([0, 5]), torch.tensor([5, 0]), 0.5, (0, 1, 0, 1), kind='index', num_classes=3)
 
 
 @settings(max_examples=60, deadline=None)
@@ -199,6 +202,6 @@ def test_property_random_shapes(n, c, h, w, alpha, uniform, seed):
     if n > 1:
         assert not (y_perm == y).any()
     assert torch.equal(mixed, _reference(x, y_perm, box))
-    soft = F.mix_targets(y, y_perm, lam, box, kind='index', num_classes=max(n, 1))
+    soft = mix_targets(y, y_perm, lam, box, kind='index', num_classes=max(n, 1))
     assert soft.shape == (n, max(n, 1))
     torch.testing.assert_close(soft.sum(1), torch.ones(n))

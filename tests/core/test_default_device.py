@@ -12,6 +12,7 @@ import torch
 def _draws_and_mixes() -> dict[str, object]:
     """Every draw and mix of CPU tensors the package offers without a process group, as plain values."""
     from dist_cutmix import functional as F
+    from dist_cutmix.draw import sample_partners
     from dist_cutmix.mixer import mix_batch_across_group, mix_batch_local
 
     g = torch.Generator().manual_seed(3)
@@ -25,7 +26,7 @@ def _draws_and_mixes() -> dict[str, object]:
     out['fixed'] = (fixed.box, fixed.lam, fixed.indices)
     per = F.sample_params_per_sample(6, 9, 7, uniform_sampling=True, generator=torch.Generator().manual_seed(1))
     out['per_sample_params'] = (per.boxes, per.lam, per.indices)
-    out['partners_with_a_fixed_point'] = F.sample_partners(2, generator=torch.Generator().manual_seed(0))
+    out['partners_with_a_fixed_point'] = sample_partners(2, generator=torch.Generator().manual_seed(0))
     out['cutmix_batch'] = F.cutmix_batch(x, labels, generator=torch.Generator().manual_seed(2))
     for per_sample in (False, True):
         for name, target in (('index', labels), ('dense', dense)):

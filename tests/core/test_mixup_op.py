@@ -17,8 +17,11 @@ import torch
 
 from dist_cutmix import MixSpec, mixup_batch, sample_mix
 from dist_cutmix import functional as F
+from dist_cutmix.draw import MixParams, PerSampleMixParams
 from dist_cutmix.mixer import mix_batch_local
+from dist_cutmix.pixels import apply_mix
 from dist_cutmix.randomness import batch_generator
+from dist_cutmix.targets import mix_targets, mix_targets_per_sample
 from tests.helpers.mix_reference import Draw, area, as_draw, mix_labels, mix_pixels
 
 
@@ -184,9 +187,9 @@ def test_batch_mode_equals_timm_with_pinned_draws(shape, smoothing, branch):
         lam, weight, boxes = 1.0 - area(box) / (h * w), 1.0, [box]
     expected_x, expected_t = _timm_mix(x, y, mode='batch', lam=0.42 if boxes else lam, use_cutmix=bool(boxes),
                                        boxes=boxes, smoothing=smoothing)
-    params = F.CutMixParams(box=box, lam=lam, indices=_flip(n), weight=weight)
-    out = F.apply_mix(x, params)
-    target = F.mix_targets(y, y[params.indices], params.lam, params.box, kind='index', num_classes=K,
+    params = MixParams(box=box, lam=lam, indices=_flip(n), weight=weight)
+    out = apply_mix(x, params)
+    target = mix_targets(y, y[params.indices], params.lam, params.box, kind='index', num_classes=K,
                            smoothing=smoothing, weight=params.weight)
     assert torch.equal(out, expected_x)
     torch.testing.assert_close(target, expected_t, rtol=0, atol=1e-6)
@@ -212,7 +215,7 @@ def _elem_draw(h, w):
         else:
             lam.append(0.5), use_cutmix.append(True), boxes.append(cut[i]), weights.append(1.0)
             ours_lam.append(1.0 - area(cut[i]) / (h * w))
-    params = F.PerSampleParams(boxes=torch.tensor(boxes), lam=torch.tensor(ours_lam, dtype=torch.float64),
+    params = PerSampleMixParams(boxes=torch.tensor(boxes), lam=torch.tensor(ours_lam, dtype=torch.float64),
                                indices=_flip(len(ELEM_KINDS)), weights=torch.tensor(weights, dtype=torch.float64))
     return lam, use_cutmix, [cut[i] for i in sorted(cut)], params
 
@@ -226,8 +229,8 @@ def test_per_sample_equals_timm_elem_mode_with_pinned_draws(shape, smoothing, in
     lam, use_cutmix, cut_boxes, params = _elem_draw(h, w)
     expected_x, expected_t = _timm_mix(x, y, mode='elem', lam=lam, use_cutmix=use_cutmix, boxes=cut_boxes,
                                        smoothing=smoothing)
-    out = F.apply_mix(x.clone(), params, inplace=inplace)
-    target = F.mix_targets_per_sample(y, y[params.indices], params.lam, params.boxes, kind='index', num_classes=K,
+    out = apply_mix(x.clone(), params, inplace=inplace)
+    target = mix_targets_per_sample(y, y[params.indices], params.lam, params.boxes, kind='index', num_classes=K,
                                       smoothing=smoothing, weights=params.weights)
     assert torch.equal(out, expected_x)
     torch.testing.assert_close(target, expected_t, rtol=0, atol=1e-6)

@@ -11,6 +11,7 @@ import torch
 
 from dist_cutmix import functional as F
 from dist_cutmix.mixer import mix_batch_across_group, mix_batch_local
+from dist_cutmix.pixels_per_sample import apply_per_sample
 from dist_cutmix.randomness import batch_generator
 from tests.helpers.mix_reference import paste_per_sample, per_sample_label_weights
 
@@ -30,7 +31,7 @@ def test_op_equals_a_per_sample_loop_and_keeps_dtype_and_layout(shape, dtype, ch
     params = F.sample_params_per_sample(shape[0], shape[2], shape[3], generator=g)
     expected = paste_per_sample(x, params)
     original = x.clone()
-    out = F.apply_cutmix_per_sample(x, params, inplace=inplace)
+    out = apply_per_sample(x, params, inplace=inplace)
     assert torch.equal(out, expected) and out.dtype == dtype
     if shape[0]:  # an empty tensor has every layout and no memory
         assert out.is_contiguous(memory_format=torch.channels_last) == channels_last

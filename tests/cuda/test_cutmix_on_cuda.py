@@ -22,8 +22,12 @@ from torch import Tensor
 from dist_cutmix import functional as F
 from dist_cutmix._tensors import to_device
 from dist_cutmix.distributed import node_group
+from dist_cutmix.draw import MixParams
 from dist_cutmix.mixer import mix_batch_across_group, mix_batch_local
+from dist_cutmix.pixels import apply_mix, gather_crops
 from dist_cutmix.randomness import batch_generator
+from dist_cutmix.targets import mix_targets
+from dist_cutmix.validation import target_kind
 from tests.helpers.cuda import (
     SEED,
     H,
@@ -48,9 +52,9 @@ KINDS = ('index', 'soft', 'dense')
 # ----------------------------------------------------------------------------- draws
 
 
-def make_params(case: str) -> F.CutMixParams:
+def make_params(case: str) -> MixParams:
     """CPU-drawn parameters for ``N`` images: a drawn box (0.2 < λ < 0.8), an empty one, or the whole image."""
-    def draw(seed: int, **kwargs: Any) -> F.CutMixParams:
+    def draw(seed: int, **kwargs: Any) -> MixParams:
         return F.sample_params(N, H, W, generator=torch.Generator().manual_seed(seed), **kwargs)
 
     if case == 'empty':
@@ -71,9 +75,9 @@ def first_mixing_batch(n: int, *key: Any) -> int:
 def check_apply_cutmix(variant: str, box: str, inplace: bool, device: str) -> None:
     """``apply_cutmix`` on ``device`` with CPU-drawn params equals it on the CPU; in place returns the input."""
     params, x = make_params(box), make_input(variant)
-    expected = F.apply_cutmix(x.clone(), params, inplace=inplace)
+    expected = apply_mix(x.clone(), params, inplace=inplace)
     on_device = x.to(device, copy=True)
-    out = F.apply_cutmix(on_device, params, inplace=inplace)
+    out = apply_mix(on_device, params, inplace=inplace)
     assert (out is on_device) == inplace
     assert_same(expected, out, device, f'apply_cutmix({variant}, {box} box, inplace={inplace})')
 
@@ -81,10 +85,10 @@ def check_apply_cutmix(variant: str, box: str, inplace: bool, device: str) -> No
 def check_mix_targets(kind: str, box: str, device: str) -> None:
     """``mix_targets`` on ``device`` equals it on the CPU, for the same params."""
     params, y = make_params(box), make_target(kind)
-    expected = F.mix_targets(y, y[params.indices], params.lam, params.box, kind=kind, num_classes=K)
+    expected = mix_targets(y, y[params.indices], params.lam, params.box, kind=kind, num_classes=K)
     on_device = y.to(device, copy=True)
     partner = on_device[params.indices.to(device)]
-    out = F.mix_targets(on_device, partner, params.lam, params.box, kind=kind, num_classes=K)
+    out = mix_targets(on_device, partner, params.lam, params.box, kind=kind, num_classes=K)
     assert_same(expected, out, device, f'mix_targets({kind}, {box} box)')
 
 
@@ -140,7 +144,7 @@ def test_the_sync_count_sees_a_pageable_non_blocking_copy_and_a_read() -> None:
 @pytest.mark.parametrize('inplace', [False, True])
 def test_apply_cutmix_on_cuda_makes_no_host_sync(inplace: bool) -> None:
     params, x = make_params('drawn'), make_input('float32').cuda()  # params drawn on the CPU
-    assert_syncs(lambda: F.apply_cutmix(x, params, inplace=inplace), 0, f'apply_cutmix(inplace={inplace})')
+    assert_syncs(lambda: apply_mix(x, params, inplace=inplace), 0, f'apply_cutmix(inplace={inplace})')
 
 
 # (mode, per_sample, kind) -> host syncs per call on one GPU, as docs/design.md's table gives them: the
@@ -239,10 +243,10 @@ def mix_on_rank(rank: int, world_size: int, mode: str, cases: Sequence[Case], de
 def mix_alone(x: Tensor, y: Tensor, batch: int, stream_rank: int) -> dict[str, Any]:
     """The CPU result of one group of one rank, whose lowest global rank is ``stream_rank``, from the functional API."""
     params = F.sample_params(len(x), H, W, generator=batch_generator(SEED, batch, 'group', stream_rank))
-    kind = F.target_kind(y, x)
-    partner = F.gather_crops(y, params.indices, params.box) if kind == 'dense' else y[params.indices]
-    target = F.mix_targets(y, partner, params.lam, params.box, kind=kind, num_classes=K)
-    return {'input': F.apply_cutmix(x, params), 'target': target, 'partner_target': partner,
+    kind = target_kind(y, x)
+    partner = gather_crops(y, params.indices, params.box) if kind == 'dense' else y[params.indices]
+    target = mix_targets(y, partner, params.lam, params.box, kind=kind, num_classes=K)
+    return {'input': apply_mix(x, params), 'target': target, 'partner_target': partner,
             'lam': params.lam, 'box': params.box}
 
 

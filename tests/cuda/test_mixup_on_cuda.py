@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from dist_cutmix import MixSpec, sample_mix
-from dist_cutmix import functional as F
+from dist_cutmix.draw import MixParams, PerSampleMixParams
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
+from dist_cutmix.pixels import apply_mix
 from dist_cutmix.randomness import batch_generator
 from tests.helpers.cuda import assert_same, assert_syncs
 from tests.helpers.cuda import make_input as cuda_make_input
@@ -51,7 +52,7 @@ def reference_blend(own: Tensor, partner: Tensor, w: float) -> Tensor:
     return (v if own.is_floating_point() else v.round()).to(own.dtype)
 
 
-def reference_mix(x: Tensor, params: F.PerSampleParams) -> Tensor:
+def reference_mix(x: Tensor, params: PerSampleMixParams) -> Tensor:
     """Each sample mixed with its partner a row at a time, from the drawn params alone."""
     out = x.clone()
     for i, (j, (y0, y1, x0, x1), w) in enumerate(zip(params.indices.tolist(), params.boxes.tolist(),
@@ -83,12 +84,12 @@ def mixing_batch(per_sample: bool, stream: str = 'local') -> int:
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_mixup_op_on_device_equals_cpu(variant: str, inplace: bool, device: str) -> None:
     x = make_input(variant)
-    params = F.CutMixParams(box=(0, H, 0, W), lam=0.6875, indices=torch.randperm(N, generator=torch.Generator()
+    params = MixParams(box=(0, H, 0, W), lam=0.6875, indices=torch.randperm(N, generator=torch.Generator()
                                                                                     .manual_seed(3)), weight=0.3125)
     expected = reference_blend(x, x[params.indices], 0.3125)
     expected = torch.empty_like(x).copy_(expected)  # the layout of the input
     on_device = x.to(device, copy=True)
-    out = F.apply_mix(on_device, params, inplace=inplace)
+    out = apply_mix(on_device, params, inplace=inplace)
     assert (out is on_device) == inplace
     assert_same(expected, out, device, f'MixUp op ({variant}, inplace={inplace})')
 
@@ -100,7 +101,7 @@ def test_switched_per_sample_op_on_device_equals_cpu(variant: str, inplace: bool
     x = make_input(variant)
     params = sample_mix(SWITCH, N, H, W, per_sample=True, generator=batch_generator(SEED, mixing_batch(True)))
     expected = torch.empty_like(x).copy_(reference_mix(x, params))
-    out = F.apply_mix(x.to(device, copy=True), params, inplace=inplace)
+    out = apply_mix(x.to(device, copy=True), params, inplace=inplace)
     assert_same(expected, out, device, f'switched per-sample op ({variant}, inplace={inplace})')
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from dist_cutmix import CutMix  # noqa: E402
 from dist_cutmix import functional as F  # noqa: E402
+from dist_cutmix.draw import MixParams  # noqa: E402
 from dist_cutmix.randomness import batch_generator  # noqa: E402
 from tests.helpers.cuda import SEED, C, H, W, needs_cuda  # noqa: E402
 from tests.helpers.spawn import run_nccl_ranks  # noqa: E402
@@ -77,7 +78,7 @@ def train_on_rank(rank: int, world_size: int, modes: Sequence[str], device: str,
     return runs
 
 
-def reference_mix(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, F.CutMixParams]:
+def reference_mix(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, MixParams]:
     """An independent CPU reference of one draw: a per-sample mask blend, one-hot labels weighted by λ on 2**-10."""
     params = F.sample_params(len(x), x.shape[-2], x.shape[-1], generator=generator)
     y0, y1, x0, x1 = params.box

@@ -28,7 +28,7 @@ class Draw:
 
 
 def as_draw(params) -> Draw:
-    """A batch-mode ``CutMixParams`` (one box for all) or ``PerSampleParams`` as one mix per sample."""
+    """A batch-mode ``MixParams`` (one box for all) or ``PerSampleMixParams`` as one mix per sample."""
     indices = [int(i) for i in params.indices]
     n = len(indices)
     if hasattr(params, 'boxes'):
@@ -72,7 +72,7 @@ def mix_pixels(x: Tensor, draw: Draw) -> Tensor:
 
 
 def paste_per_sample(x: Tensor, params) -> Tensor:
-    """The plain per-sample CutMix loop over a ``PerSampleParams``: sample i takes its partner's unmixed pixels
+    """The plain per-sample CutMix loop over a ``PerSampleMixParams``: sample i takes its partner's unmixed pixels
     inside box i; the input's layout is kept."""
     out = x.clone()
     for i, (y0, y1, x0, x1) in enumerate(params.boxes.tolist()):

@@ -216,7 +216,7 @@ def _recipe_on_rank(rank: int, world_size: int, argv: list[str]) -> dict:
 
 def test_timm_recipe_on_two_gloo_ranks_mixes_as_drawn(tmp_path):
     from dist_cutmix import MixSpec, sample_mix
-    from dist_cutmix.functional import label_lambda
+    from dist_cutmix.draw import on_label_grid
     from dist_cutmix.randomness import batch_generator
 
     summaries = run_ranks(_recipe_on_rank, 2, tmp_path, [*TINY, *RECIPE, '--duration', '6ba', '--seed', '3'],
@@ -232,7 +232,7 @@ def test_timm_recipe_on_two_gloo_ranks_mixes_as_drawn(tmp_path):
         assert (summary['mixup_alpha'], summary['cutmix_alpha'], summary['switch_prob'], summary['mix_prob'],
                 summary['label_smoothing'], summary['stop_at']) == (0.8, 1.0, 0.5, 1.0, 0.1, None)
         # the algorithm logged, batch by batch, the λ of the switched draw (MixUp or CutMix)
-        assert summary['series']['mix_lambda'] == [float(label_lambda(d.lam)) for d in drawn]
+        assert summary['series']['mix_lambda'] == [float(on_label_grid(d.lam)) for d in drawn]
         assert 0.0 < summary['mix_cross_rank_fraction_mean'] < 1.0
         assert summary['cutmix_lambda_mean'] is None  # MixUpCutMix logs under its own name
         assert isinstance(summary['soft_cross_entropy_warned'], bool)

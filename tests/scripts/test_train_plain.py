@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as TF
 
 from dist_cutmix import functional as F
+from dist_cutmix.draw import on_label_grid
 from dist_cutmix.mixer import mix_batch_across_group
 from dist_cutmix.randomness import batch_generator
 from launch import train_plain
@@ -52,7 +53,7 @@ def _pixel_reference(x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch
     y0, y1, x0, x1 = params.box
     mixed = x.clone()
     mixed[..., y0:y1, x0:x1] = x[params.indices][..., y0:y1, x0:x1]
-    own = F.label_lambda(params.lam)
+    own = on_label_grid(params.lam)
     target = own * TF.one_hot(y, 10).float() + (1 - own) * TF.one_hot(y[params.indices], 10).float()
     return mixed, target, params.indices
 
