@@ -1,7 +1,7 @@
 """The loss without dense targets on a GPU: ``MixedLabels`` move and pin, ``mixed_cross_entropy`` gives the CPU's
 value and gradient (and the same gradient twice under deterministic algorithms), ``Mixer(targets='labels')``
 gives the dense mixer's target bit for bit, the metrics score as on the CPU, and a bad label is an error. Skips
-without CUDA; run by the prepared GPU check (``tests/test_cuda*.py``)."""
+without CUDA; run by the prepared GPU check (``tests/cuda/test_*.py``)."""
 from __future__ import annotations
 
 import pytest

@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / 'README.md'
+COMPOSER_PAGE = ROOT / 'docs' / 'composer.md'
 DOCS = sorted((ROOT / 'docs').glob('*.md'))
 PAGES = [README, *DOCS]
 README_LIMIT = 10_000  # characters: a front page, the rest in docs/
@@ -18,7 +19,8 @@ SETUP_COMMANDS = (
     "python3.11 -m venv .venv && .venv/bin/pip install -e '.[composer,launch]' && .venv/bin/python launch/train.py",
     "python3.11 -m venv .venv && .venv/bin/pip install -e '.[composer,test,launch,bench]' "
     "&& .venv/bin/python -m pytest -n 2 -q",
-    "python3.11 -m venv .venv-core && .venv-core/bin/pip install -e '.[test,launch,bench]' "
+    "python3.11 -m venv .venv-core && .venv-core/bin/pip install -e "
+    "'.[test,launch,bench,accelerate,lightning,torchvision]' "
     "&& .venv-core/bin/python -m pytest -n 2 -q",
 )
 HAS_COMPOSER = importlib.util.find_spec('composer') is not None
@@ -38,6 +40,11 @@ def _python_blocks(page: Path) -> list[str]:
 
 
 def _check_readme(ns: dict) -> None:
+    # three batches mixed and counted, the loss read the labels (no dense target), the state holds the count
+    assert ns['mixer'].batch == 3 and ns['state']['batch'] == 3 and type(ns['y']).__name__ == 'MixedLabels'
+
+
+def _check_composer(ns: dict) -> None:
     assert ns['trainer'].state.timestamp.batch.value == 2
 
 
@@ -85,7 +92,8 @@ def _check_lightning(ns: dict) -> None:
 
 
 # Pages that must hold Python blocks, and what their blocks must leave behind.
-CHECKS = {'README.md': _check_readme, 'docs/metrics.md': _check_metrics, 'docs/design.md': lambda ns: None,
+CHECKS = {'README.md': _check_readme, 'docs/composer.md': _check_composer, 'docs/metrics.md': _check_metrics,
+          'docs/design.md': lambda ns: None,
           'docs/plain_pytorch.md': _check_plain_pytorch, 'docs/torchvision.md': _check_torchvision,
           'docs/timm.md': _check_timm, 'docs/accelerate.md': _check_accelerate,
           'docs/lightning.md': _check_lightning}
@@ -125,7 +133,7 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
 
 def _parsers():
     from launch import train, train_plain, visualize
-    from launch.benchmarks import bench_memory, benchmark, scaling
+    from launch.benchmarks import bench_loss, bench_memory, benchmark, scaling
     from launch.experiments import experiment, loss_spread
     from launch.tools import gpu_check
 
@@ -135,6 +143,7 @@ def _parsers():
         'visualize': lambda argv: visualize.build_parser().parse_args(argv),
         'benchmarks/benchmark': benchmark._parse_args,
         'benchmarks/bench_memory': bench_memory._parse_args,
+        'benchmarks/bench_loss': lambda argv: bench_loss.build_parser().parse_args(argv),
         'benchmarks/scaling': lambda argv: scaling.build_parser().parse_args(argv),
         'experiments/experiment': lambda argv: experiment.build_parser().parse_args(argv),
         'experiments/loss_spread': loss_spread.parse_args,
@@ -234,24 +243,24 @@ def test_readme_links_every_docs_page():
 
 
 @pytest.mark.composer
-def test_readme_argument_table_names_real_arguments():
+def test_composer_page_argument_table_names_real_arguments():
     from dist_cutmix import CutMix
 
-    text = README.read_text()
+    text = COMPOSER_PAGE.read_text()
     table = text[text.index('| argument | meaning |'):]
     table = table[:table.index('\n\n')]
     named = set(re.findall(r'`(\w+)`', ''.join(line.split('|')[1] for line in table.splitlines()[2:])))
     params = set(inspect.signature(CutMix).parameters)
-    assert named and named <= params, f'README documents {named - params}, which CutMix does not take'
+    assert named and named <= params, f'docs/composer.md documents {named - params}, which CutMix does not take'
 
 
 @pytest.mark.composer
-def test_readme_recipe_block_trains_with_timms_settings():
-    # The README's timm recipe block builds the algorithm; here it trains, on the README's own data. The
+def test_composer_page_recipe_block_trains_with_timms_settings():
+    # The Composer page's timm recipe block builds the algorithm; here it trains, on the page's own data. The
     # existing block test runs it with Composer's soft cross-entropy warning as an error, but it does not
     # train; training with label smoothing cannot pass that bar: rows (1 - ε)·y + ε/C in float32 sum to 1
     # only to rounding, so Composer's exact check `target.sum() < N` warns in most batches (its own
-    # LabelSmoothing too; the README says so). What this test holds instead: the warning is harmless,
+    # LabelSmoothing too; the page says so). What this test holds instead: the warning is harmless,
     # the loss rescale N / target.sum() it triggers is within 1e-6 of 1.
     import torch
     from composer import Trainer
@@ -259,16 +268,16 @@ def test_readme_recipe_block_trains_with_timms_settings():
     from composer.models import ComposerClassifier
     from torch.utils.data import DataLoader
 
-    text = README.read_text()
-    block = next(b for b in _python_blocks(README) if 'MixUpCutMix' in b)
+    text = COMPOSER_PAGE.read_text()
+    block = next(b for b in _python_blocks(COMPOSER_PAGE) if 'MixUpCutMix' in b)
     ns: dict = {}
-    exec(compile(block, 'README.md', 'exec'), ns)  # noqa: S102 - our own docs
+    exec(compile(block, 'docs/composer.md', 'exec'), ns)  # noqa: S102 - our own docs
     recipe = ns['recipe']
     assert type(recipe).__name__ == 'MixUpCutMix' and recipe.mode == 'global'
     spec = recipe.spec
     assert (spec.mixup_alpha, spec.cutmix_alpha, spec.switch_prob, spec.prob, spec.label_smoothing) == \
         (0.8, 1.0, 0.5, 1.0, 0.1)
-    assert 'less than 1' in text and 'LabelSmoothing' in text  # the README tells the reader about the warning
+    assert 'less than 1' in text and 'LabelSmoothing' in text  # the page tells the reader about the warning
 
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.rand(32, 3, 16, 16), torch.randint(0, 4, (32,)))
