@@ -96,10 +96,17 @@ def input_bytes_alive(device_type: str, sample_shape: Sequence[int], dtype: torc
 
     Every tensor the garbage collector tracks (every tensor a Python object refers to) whose
     trailing dimensions are ``sample_shape`` and whose dtype is ``dtype``; storages whose
-    ``data_ptr`` is in ``exclude`` (the model's parameters) are left out.
+    ``data_ptr`` is in ``exclude`` (the model's parameters, what was alive before the run) are left out.
     """
+    storages = {ptr: s.nbytes() for ptr, s in _input_storages(device_type, sample_shape, dtype).items()
+                if ptr not in exclude}
+    return sum(storages.values()), len(storages)
+
+
+def _input_storages(device_type: str, sample_shape: Sequence[int], dtype: torch.dtype) -> dict[int, Any]:
+    """The storages of live input-shaped tensors on ``device_type``, by ``data_ptr``."""
     sample_shape = tuple(sample_shape)
-    storages: dict[int, int] = {}
+    storages: dict[int, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # isinstance() on deprecated module attributes warns
         for obj in gc.get_objects():
@@ -112,9 +119,9 @@ def input_bytes_alive(device_type: str, sample_shape: Sequence[int], dtype: torc
                 ptr = storage.data_ptr()
             except Exception:  # a tensor subclass or wrapper without plain storage: not a batch
                 continue
-            if ptr and ptr not in exclude:
-                storages[ptr] = storage.nbytes()
-    return sum(storages.values()), len(storages)
+            if ptr:
+                storages[ptr] = storage
+    return storages
 
 
 def predicted_bytes(device: str, cutmix: bool, inplace: Optional[bool], batch: int, microbatch: int,
@@ -162,6 +169,9 @@ def _train_one(device: str, cutmix: bool, inplace: Optional[bool], shape: Shape,
     n, c, h, w = shape
     sample_shape = (c, h, w)
     cuda = device == 'cuda'
+    # Input-shaped tensors alive before the run (a caller's, another test's module constants) are not the run's:
+    # left out, and held until it ends so that no new batch can take their addresses.
+    before = _input_storages(device, sample_shape, torch.float32)
 
     class Probe(Callback):
         def __init__(self) -> None:
@@ -170,7 +180,8 @@ def _train_one(device: str, cutmix: bool, inplace: Optional[bool], shape: Shape,
             self._step: dict[str, Any] = {}
 
         def fit_start(self, state: Any, logger: Any) -> None:
-            self.exclude = frozenset(p.untyped_storage().data_ptr() for p in state.model.parameters())
+            params = frozenset(p.untyped_storage().data_ptr() for p in state.model.parameters())
+            self.exclude = params | frozenset(before)
 
         def before_dataloader(self, state: Any, logger: Any) -> None:
             between, _ = input_bytes_alive(device, sample_shape, torch.float32, self.exclude)  # the last step's
@@ -217,7 +228,7 @@ def _train_one(device: str, cutmix: bool, inplace: Optional[bool], shape: Shape,
     trainer.fit()
     trainer.close()
     atexit.unregister(trainer.engine._close)  # it holds the State, and so the last batch, until exit
-    del trainer, algorithms
+    del trainer, algorithms, before
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
