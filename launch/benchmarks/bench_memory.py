@@ -228,7 +228,8 @@ def _train_one(device: str, cutmix: bool, inplace: Optional[bool], shape: Shape,
     trainer.fit()
     trainer.close()
     atexit.unregister(trainer.engine._close)  # it holds the State, and so the last batch, until exit
-    del trainer, algorithms, before
+    del trainer, algorithms
+    before.clear()
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
