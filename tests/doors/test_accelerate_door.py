@@ -43,7 +43,8 @@ def _launch(out: Path, phase: str, launcher: tuple[str, ...], *script_args: str)
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')]), OMP_NUM_THREADS='1',
                HF_HOME=str(out / 'hf'))  # no user's default_config.yaml changes the launch
     command = [sys.executable, '-m', 'accelerate.commands.launch', *launcher, '--num_machines', '1',
-               '--mixed_precision', 'no', '--dynamo_backend', 'no', str(Path(loop.__file__)), phase, str(out),
+               # as a module: run as a path, tests/helpers/ would come first on sys.path and its cuda.py shadow torch's
+               '--mixed_precision', 'no', '--dynamo_backend', 'no', '--module', loop.__name__, phase, str(out),
                *script_args]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
