@@ -8,18 +8,24 @@ adapters over this class; it holds no mixing logic of its own (that is :mod:`dis
 
 Every rank of the mixing group must call the mixer once for every batch, in the same order: in
 ``'global'`` and ``'node'`` mode each call is a collective. A rank that calls for a batch the others
-do not reach waits in that collective until the process group's timeout; ranks that call with
-different batch counts (one skipped a call) are an error on every rank, naming each rank's count.
+do not reach waits in that collective until the process group's timeout (30 minutes by default), and
+then fails with the backend's timeout, which names neither the rank nor the batch; with
+``arrival_timeout=S`` it fails after ``S`` seconds instead, naming the missing ranks and the batch.
+Ranks that call with different batch counts (one skipped a call) are an error on every rank, naming
+each rank's count. :func:`dist_cutmix.loaders.check_loader` refuses, before the first batch, loaders
+whose lengths differ between ranks.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import os
 from typing import Any, Optional
 
 from torch import Tensor
 
-from dist_cutmix.distributed import ProcessGroup, agree_on_seed, group_rank_and_size, node_group
+from dist_cutmix.distributed import ProcessGroup, agree_on_seed, group_rank_and_size, node_group, wait_for_ranks
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.randomness import default_seed
 from dist_cutmix.spec import MixSpec
@@ -28,6 +34,11 @@ __all__ = ['MODES', 'Mixer']
 
 MODES = ('local', 'global', 'node')
 _STATE_VERSION = 1
+# Names each mixer's arrival marks in the store: the n-th mixer to check on one rank meets the n-th on the others.
+_ARRIVAL_TAGS = itertools.count()
+_ARRIVAL_HINT = ('Every rank must call the mixer once for every batch: a rank whose loader is shorter, or that left '
+                 'the loop early, leaves the others waiting (dist_cutmix.loaders.check_loader(loader) refuses loaders '
+                 'of unequal length before the first batch)')
 
 
 class Mixer:
@@ -53,6 +64,12 @@ class Mixer:
         per_sample: every sample its own draw (timm's ``mode='elem'``) instead of one per batch.
         exclude_self: never pair a sample with itself when there is another.
         inplace: mix into the caller's ``input`` (its memory is yours to overwrite) instead of a copy.
+        arrival_timeout: in ``'global'`` and ``'node'`` mode, seconds to wait at each batch for the other ranks
+            to reach it before raising :class:`~dist_cutmix.distributed.MissingRankError` naming the missing
+            ranks and the batch (checked in the process group's store, on any backend; in ``'node'`` mode over
+            all ranks). ``None``: no check, a missing rank leaves the others in the exchange until the process
+            group's timeout. Set it above the longest time one rank may run ahead of another (a checkpoint
+            written by rank 0 alone, say).
 
     Attributes:
         batch: the index of the next batch to mix (batches mixed so far, plus a resumed count).
@@ -85,6 +102,7 @@ class Mixer:
         per_sample: bool = False,
         exclude_self: bool = True,
         inplace: bool = False,
+        arrival_timeout: Optional[float] = None,
     ) -> None:
         given = dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax, prob=prob,
                      switch_prob=switch_prob, label_smoothing=label_smoothing)
@@ -108,6 +126,11 @@ class Mixer:
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 1):
             raise ValueError(f'num_classes must be a positive int or None, got num_classes={num_classes!r}')
+        if arrival_timeout is not None and (isinstance(arrival_timeout, bool)
+                                            or not isinstance(arrival_timeout, (int, float))
+                                            or not math.isfinite(arrival_timeout) or arrival_timeout <= 0):
+            raise ValueError(f'arrival_timeout must be a positive number of seconds or None, got '
+                             f'arrival_timeout={arrival_timeout!r}')
         self.spec = spec
         self.mode = mode
         self.seed = seed
@@ -116,6 +139,8 @@ class Mixer:
         self.per_sample = bool(per_sample)
         self.exclude_self = bool(exclude_self)
         self.inplace = bool(inplace)
+        self.arrival_timeout = arrival_timeout
+        self._arrival_tag: Optional[str] = None
         self.enabled = True
         self.batch = 0
         self.last: Optional[MixResult] = None
@@ -130,6 +155,8 @@ class Mixer:
 
     def mix(self, input: Tensor, target: Tensor) -> MixResult:
         """Mix one batch and count it; return the whole :class:`~dist_cutmix.MixResult` (also kept in ``last``)."""
+        if self.arrival_timeout is not None and self.mode != 'local':
+            self._wait_for_ranks()
         seed = self._resolve_seed()
         spec = self.spec if self.enabled else dataclasses.replace(self.spec, prob=0.0)
         kwargs: dict[str, Any] = dict(seed=seed, batch=self.batch, spec=spec, exclude_self=self.exclude_self,
@@ -147,6 +174,14 @@ class Mixer:
             self._group_ready = True
             self.group = node_group(_local_world_size())
         return self.group
+
+    def _wait_for_ranks(self) -> None:
+        """Before any collective of this batch: every rank is here, or a clear error within ``arrival_timeout``."""
+        if self._arrival_tag is None:
+            # A restarted torchrun worker starts counting again: its attempt keeps its marks apart from the last one's.
+            self._arrival_tag = f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}.{next(_ARRIVAL_TAGS)}"
+        group = self.group if self.mode == 'global' else None  # 'node': over all ranks, its group made or not
+        wait_for_ranks(self._arrival_tag, self.batch, float(self.arrival_timeout), group, hint=_ARRIVAL_HINT)
 
     def _resolve_seed(self) -> int:
         if self.seed is None:
