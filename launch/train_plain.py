@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -52,7 +53,7 @@ from dist_cutmix import Mixer, MixSpec, SoftTargetAccuracy  # noqa: E402
 from dist_cutmix.loaders import GlobalBatchSampler, check_loader  # noqa: E402
 from launch.train import NUM_CLASSES, ResNetMini, load_mnist  # noqa: E402  (Composer-free at import)
 
-__all__ = ['build_parser', 'main', 'parse_args']
+__all__ = ['build_parser', 'exit_without_teardown', 'main', 'parse_args']
 
 MODES = ('none', 'local', 'global')
 # What a checkpoint must share with the run that resumes it: anything else would train differently. The world
@@ -121,10 +122,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _start_distributed(device: torch.device) -> tuple[int, int, bool]:
-    """``(rank, world_size, started_here)``: a group made by a caller, one from ``torchrun``'s variables, or none."""
+def _start_distributed(device: torch.device) -> tuple[int, int]:
+    """``(rank, world_size)``: of a group made by a caller, of one from ``torchrun``'s variables, or ``(0, 1)``."""
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
+        return dist.get_rank(), dist.get_world_size()
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:  # torchrun
         if (os.environ.get('RANK') == '0' and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
                 and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')) > 0):
@@ -135,8 +136,8 @@ def _start_distributed(device: torch.device) -> tuple[int, int, bool]:
                   'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for restarts that form a new group',
                   file=sys.stderr, flush=True)
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(minutes=5))
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _learning_rate(step: int, total: int, peak: float, warmup: float) -> float:
@@ -227,7 +228,8 @@ def _evaluate(model: torch.nn.Module, eval_set: Any, rank: int, world_size: int,
 def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, record: bool = False) -> dict[str, Any]:
     """Train (or resume) once; every rank returns the run summary, rank 0 also prints it and writes ``--json``.
 
-    Runs in the process group a caller made, else in one ``torchrun`` describes, else alone. With
+    Runs in the process group a caller made, else in one ``torchrun`` describes (left up: see
+    :func:`exit_without_teardown`), else alone. With
     ``record=True`` the summary also holds ``records``: per batch this rank trained, its index, the
     batch as loaded and as mixed (CPU tensors), and the loss.
     """
@@ -242,12 +244,10 @@ def main(argv: Union[Sequence[str], argparse.Namespace, None] = None, *, record:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(args.threads or int(os.environ.get('OMP_NUM_THREADS') or 1))
-    rank, world_size, started_here = _start_distributed(device)
-    try:
-        return _train(args, rank, world_size, device, start, (started_at, time.time()), record)
-    finally:
-        if started_here:
-            dist.destroy_process_group()
+    # A group started here stays up (a later call joins it): destroying a gloo group can deadlock (see
+    # exit_without_teardown), so the script leaves with that instead.
+    rank, world_size = _start_distributed(device)
+    return _train(args, rank, world_size, device, start, (started_at, time.time()), record)
 
 
 def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device, start: float,
@@ -364,5 +364,26 @@ def _train(args: argparse.Namespace, rank: int, world_size: int, device: torch.d
     return summary
 
 
+def exit_without_teardown(code: int = 0) -> None:
+    """End the process now, after flushing stdout and stderr, skipping the interpreter's teardown.
+
+    torch's ``ProcessGroupGloo`` destructor can deadlock: it joins its worker thread holding the GIL while
+    that thread waits for the GIL to free the last collective's tensor. Seen with gdb and faulthandler on
+    torch 2.7 with four two-rank ``torchrun`` runs at once on 2 cores: after training, 1 to 2 runs in 4 hung
+    there, at interpreter exit or in ``destroy_process_group``. So the group is never destroyed and the
+    process ends here; everything the script writes is closed by then.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except SystemExit:  # argparse's refusals, with their own exit code
+        raise
+    except BaseException:  # noqa: BLE001 - printed, then the same exit a failure would make
+        traceback.print_exc()
+        exit_without_teardown(1)
+    exit_without_teardown(0)
