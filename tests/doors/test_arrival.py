@@ -30,10 +30,13 @@ def _stopping_rank(rank: int, world: int, stop_after: int, timeout: float) -> di
     """Rank 1 mixes ``stop_after`` batches and leaves the loop for a collective elsewhere (as at an epoch's end)."""
     # First, ranks that arrive late but within the timeout mix exactly as without the check.
     late = _mixer(timeout)
-    mixed = []
+    node = Mixer(mixup_alpha=0.0, cutmix_alpha=1.0, num_classes=K, mode='node', seed=3, arrival_timeout=timeout)
+    mixed, by_node = [], []
     for x, y in _batches(rank, 2):
         time.sleep(0.3 * rank)
         mixed.append(late(x, y))
+        by_node.append(node(x, y))  # one node holds both ranks: its mix is the global one
+    assert all(torch.equal(a, b) for m, n in zip(mixed, by_node, strict=True) for a, b in zip(m, n, strict=True))
     mixer = _mixer(timeout)
     started = time.monotonic()
     try:
