@@ -8,12 +8,12 @@ adapters over this class; it holds no mixing logic of its own (that is :mod:`dis
 
 Every rank of the mixing group must call the mixer once for every batch, in the same order: in
 ``'global'`` and ``'node'`` mode each call is a collective. A rank that calls for a batch the others
-do not reach waits in that collective until the process group's timeout (by default 30 minutes on gloo, 10 on NCCL), and
-then fails with the backend's timeout, which names neither the rank nor the batch; with
-``arrival_timeout=S`` it fails after ``S`` seconds instead, naming the missing ranks and the batch.
-Ranks that call with different batch counts (one skipped a call) are an error on every rank, naming
-each rank's count. :func:`dist_cutmix.loaders.check_loader` refuses, before the first batch, loaders
-whose lengths differ between ranks.
+do not reach waits in that collective until the process group's timeout (by default 30 minutes on
+gloo, 10 on NCCL), and then fails with the backend's timeout, which names neither the rank nor the
+batch; with ``arrival_timeout=S`` it fails after ``S`` seconds instead, naming the missing ranks and
+the batch. Ranks that call with different batch counts (one skipped a call) are an error on every
+rank, naming each rank's count. :func:`dist_cutmix.loaders.check_loader` refuses, before the first
+batch, loaders whose lengths differ between ranks.
 """
 from __future__ import annotations
 
