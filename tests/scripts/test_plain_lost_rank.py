@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -63,8 +64,16 @@ def test_a_rank_killed_mid_epoch_is_restarted_and_the_run_ends_bit_for_bit_as_th
            '--save', str(checkpoint), '--save-every', str(SAVE_EVERY), '--resume', 'auto', '--fail-at', str(FAIL_AT),
            '--json', str(summary)]
     began = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
+    # Its own session: past the deadline the agent and every worker it started go, none left behind.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f'torchrun ran past 300 s\n{(stdout + stderr)[-6000:]}')
+    out = stdout + stderr
     assert proc.returncode == 0, f'torchrun exited {proc.returncode}\n{out[-6000:]}'
 
     # It did die and come back: the kill, the agent seeing it, and a second attempt that resumed by itself.
