@@ -11,9 +11,10 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from dist_cutmix.distributed import BatchMismatchError
+from dist_cutmix.distributed import BatchMismatchError, MissingRankError
 from dist_cutmix.draw import MixParams, PerSampleMixParams, sample_mix
 from dist_cutmix.functional import cutmix_batch, mixup_batch, sample_params
+from dist_cutmix.loaders import GlobalBatchSampler, check_loader
 from dist_cutmix.loop import Mixer
 from dist_cutmix.loss import MixedCrossEntropy, MixedLabels, mixed_cross_entropy
 from dist_cutmix.metrics import SoftTargetAccuracy, SoftTargetWrapper, prepare_train_metrics, soft_target_accuracy
@@ -47,9 +48,11 @@ _COMPOSER_EXTRA = "pip install 'dist_cutmix[composer]'"
 __all__ = [
     'BatchMismatchError',
     'CutMixParams',
+    'GlobalBatchSampler',
     'MixParams',
     'MixResult',
     'MixSpec',
+    'MissingRankError',
     'MixedCrossEntropy',
     'MixedLabels',
     'Mixer',
@@ -59,6 +62,7 @@ __all__ = [
     'apply_cutmix',
     'apply_mix',
     'batch_generator',
+    'check_loader',
     'cutmix_batch',
     'mix_batch_across_group',
     'mix_batch_local',

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional, Sequence
 
 import torch
@@ -24,13 +25,16 @@ from dist_cutmix._tensors import to_device
 __all__ = [
     'BatchMismatchError',
     'ExchangePlan',
+    'MissingRankError',
     'agree_on_batch',
     'agree_on_seed',
+    'all_gather_ints',
     'exchange_ragged',
     'exchange_rows',
     'group_rank_and_size',
     'group_stream_key',
     'node_group',
+    'wait_for_ranks',
 ]
 
 ProcessGroup = Optional[dist.ProcessGroup]
@@ -38,6 +42,10 @@ ProcessGroup = Optional[dist.ProcessGroup]
 
 class BatchMismatchError(ValueError):
     """The ranks of a group hold batches that cannot be mixed together; raised on every rank."""
+
+
+class MissingRankError(TimeoutError):
+    """Ranks of a group did not reach a batch in time; raised on the ranks that waited, naming the missing ones."""
 
 
 def group_rank_and_size(group: ProcessGroup) -> tuple[int, int]:
@@ -140,6 +148,82 @@ def agree_on_batch(signature: str, size: int, problem: Optional[str], group: Pro
         raise BatchMismatchError(f'{caller}: the ranks disagree on the batch (its index and layout must match on '
                                  f'every rank):\n{lines}')
     return [r[0] for r in rows]
+
+
+def all_gather_ints(values: Sequence[int], group: ProcessGroup) -> list[list[int]]:
+    """Every rank's ``values`` (the same count on each), in group-rank order: one small all-gather.
+
+    ``[list(values)]`` without a process group or in a group of one.
+    """
+    _, world = group_rank_and_size(group)
+    if world == 1:
+        return [list(values)]
+    mine = to_device(torch.tensor(list(values), dtype=torch.int64, device='cpu'), _comm_device(group))
+    table = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine, group=group)
+    return torch.stack(table).tolist()
+
+
+def _group_store(group: ProcessGroup) -> dist.Store:
+    """The key-value store the group's ranks met through (its own prefix of it), which any backend has.
+
+    torch keeps it in a private table: there is no public accessor (torch 2.6 to 2.14 have this one).
+    """
+    from torch.distributed import distributed_c10d
+
+    getter = getattr(distributed_c10d, '_get_process_group_store', None)
+    if getter is None:
+        raise RuntimeError(f'this torch ({torch.__version__}) gives no access to the process group\'s store, '
+                           'which the bounded wait for missing ranks needs')
+    return getter(group or dist.group.WORLD)
+
+
+def wait_for_ranks(tag: str, batch: int, timeout_s: float, group: ProcessGroup = None, hint: str = '') -> None:
+    """Return once every rank of ``group`` has reached ``batch`` of ``tag``; raise naming the ranks that did not.
+
+    Each rank marks its arrival in the group's store and waits for the others' marks, at most ``timeout_s``
+    seconds from its own arrival. The store answers on any backend, even while a rank is stuck elsewhere,
+    so a rank that will never come (its loader ended, it left the loop) is named within the bound instead
+    of leaving the others in a collective until the process group's timeout. Three store operations a
+    call; nothing without a process group or in a group of one. Every rank must use the same ``tag`` for
+    the same sequence of batches (a name unique to one loop, e.g. one per mixer).
+
+    Raises:
+        MissingRankError: on each rank that waited in vain, naming every missing rank (by global rank) with
+            the last batch it reached, and ``hint``.
+    """
+    rank, world = group_rank_and_size(group)
+    if world == 1:
+        return
+    store = _group_store(group)
+    prefix = f'dist_cutmix/arrival/{tag}'
+    store.set(f'{prefix}/{batch}/{rank}', '1')
+    # Every rank passed its wait for batch - 2 before it marked batch - 1, which this rank has seen: drop the old mark.
+    store.delete_key(f'{prefix}/{batch - 2}/{rank}')
+    keys = [f'{prefix}/{batch}/{r}' for r in range(world)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+        return
+    except RuntimeError as e:  # the store's timeout (DistStoreError is a RuntimeError), or the store is gone
+        waited = e
+    ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    try:
+        missing = [r for r in range(world) if not store.check([keys[r]])]
+        # This rank marked batch - 1 only if it mixed it here, and passed it only once every rank had marked it.
+        seen_previous = store.check([f'{prefix}/{batch - 1}/{rank}'])
+    except RuntimeError as e:  # the rank that hosted the store left: no rank can be named
+        raise MissingRankError(f'rank {ranks[rank]} waited for the other ranks at batch {batch} and lost the process '
+                               f'group\'s store ({waited}; then {e}); the rank that hosted it has probably left'
+                               + (f'. {hint}' if hint else '')) from e
+    if not missing:  # they came just as the wait gave up
+        return
+    names = ', '.join(f'rank {ranks[r]}' for r in missing)
+    if seen_previous:
+        where = f'{names} reached batch {batch - 1} but not batch {batch}'
+    else:
+        where = f'{names} did not reach batch {batch}, the first of this loop on rank {ranks[rank]},'
+    raise MissingRankError(f'{where} within {timeout_s:g} s of rank {ranks[rank]}, which waited for '
+                           f'{"it" if len(missing) == 1 else "them"} there' + (f'. {hint}' if hint else ''))
 
 
 def agree_on_seed(seed: int, group: ProcessGroup) -> int:

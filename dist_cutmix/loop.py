@@ -8,27 +8,37 @@ adapters over this class; it holds no mixing logic of its own (that is :mod:`dis
 
 Every rank of the mixing group must call the mixer once for every batch, in the same order: in
 ``'global'`` and ``'node'`` mode each call is a collective. A rank that calls for a batch the others
-do not reach waits in that collective until the process group's timeout; ranks that call with
-different batch counts (one skipped a call) are an error on every rank, naming each rank's count.
+do not reach waits in that collective until the process group's timeout (by default 30 minutes on
+gloo, 10 on NCCL), and then fails with the backend's timeout, which names neither the rank nor the
+batch; with ``arrival_timeout=S`` it fails after ``S`` seconds instead, naming the missing ranks and
+the batch. Ranks that call with different batch counts (one skipped a call) are an error on every
+rank, naming each rank's count. :func:`dist_cutmix.loaders.check_loader` refuses, before the first
+batch, loaders whose lengths differ between ranks.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from typing import Any, Optional, Union
 
 from torch import Tensor
 
-from dist_cutmix.distributed import ProcessGroup, agree_on_seed, group_rank_and_size, node_group
+from dist_cutmix.distributed import ProcessGroup, agree_on_seed, group_rank_and_size, node_group, wait_for_ranks
 from dist_cutmix.loss import MixedLabels
 from dist_cutmix.mixer import MixResult, mix_batch_across_group, mix_batch_local
 from dist_cutmix.randomness import default_seed
 from dist_cutmix.spec import MixSpec
-from dist_cutmix.validation import check_choice, check_num_classes, check_pool, check_seed
+from dist_cutmix.validation import check_choice, check_num_classes, check_pool, check_seconds, check_seed
 
 __all__ = ['TARGETS', 'Mixer']
 
 TARGETS = ('dense', 'labels')
+# Names each mixer's arrival marks in the store: the n-th mixer to check on one rank meets the n-th on the others.
+_ARRIVAL_TAGS = itertools.count()
+_ARRIVAL_HINT = ('Every rank must call the mixer once for every batch: a rank whose loader is shorter, or that left '
+                 'the loop early, leaves the others waiting (dist_cutmix.loaders.check_loader(loader) refuses loaders '
+                 'of unequal length before the first batch)')
 
 _STATE_VERSION = 1
 
@@ -61,6 +71,12 @@ class Mixer:
             :class:`~dist_cutmix.loss.MixedCrossEntropy` and the soft-target metrics, no ``(N, C)`` target built.
             ``'labels'`` takes class-index targets only, and ``num_classes`` (the labels are checked against it
             on every rank before mixing); ``last.target`` then holds the unmixed labels.
+        arrival_timeout: in ``'global'`` and ``'node'`` mode, seconds to wait at each batch for the other ranks
+            to reach it before raising :class:`~dist_cutmix.distributed.MissingRankError` naming the missing
+            ranks and the batch (checked in the process group's store, on any backend; in ``'node'`` mode over
+            all ranks). ``None``: no check, a missing rank leaves the others in the exchange until the process
+            group's timeout. Set it above the longest time one rank may run ahead of another (a checkpoint
+            written by rank 0 alone, say).
 
     Attributes:
         batch: the index of the next batch to mix (batches mixed so far, plus a resumed count).
@@ -94,6 +110,7 @@ class Mixer:
         exclude_self: bool = True,
         inplace: bool = False,
         targets: str = 'dense',
+        arrival_timeout: Optional[float] = None,
     ) -> None:
         given = dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax, prob=prob,
                      switch_prob=switch_prob, label_smoothing=label_smoothing)
@@ -117,6 +134,7 @@ class Mixer:
         if targets == 'labels' and num_classes is None:
             raise ValueError("targets='labels' needs num_classes, to check the class-index targets on every rank "
                              'before mixing; got num_classes=None')
+        check_seconds(arrival_timeout, 'arrival_timeout')
         self.spec = spec
         self.mode = mode
         self.seed = seed
@@ -126,6 +144,8 @@ class Mixer:
         self.exclude_self = bool(exclude_self)
         self.inplace = bool(inplace)
         self.targets = targets
+        self.arrival_timeout = arrival_timeout
+        self._arrival_tag: Optional[str] = None
         self.enabled = True
         self.batch = 0
         self.last: Optional[MixResult] = None
@@ -151,6 +171,8 @@ class Mixer:
         """
         if problem is not None and self.mode == 'local':
             raise problem
+        if self.arrival_timeout is not None and self.mode != 'local':
+            self._wait_for_ranks()
         seed = self._resolve_seed()
         spec = self.spec if self.enabled else dataclasses.replace(self.spec, prob=0.0)
         kwargs: dict[str, Any] = dict(seed=seed, batch=self.batch, spec=spec, exclude_self=self.exclude_self,
@@ -173,6 +195,14 @@ class Mixer:
             self._group_ready = True
             self.group = node_group(_local_world_size())
         return self.group
+
+    def _wait_for_ranks(self) -> None:
+        """Before any collective of this batch: every rank is here, or a clear error within ``arrival_timeout``."""
+        if self._arrival_tag is None:
+            # A restarted torchrun worker starts counting again: its attempt keeps its marks apart from the last one's.
+            self._arrival_tag = f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}.{next(_ARRIVAL_TAGS)}"
+        group = self.group if self.mode == 'global' else None  # 'node': over all ranks, its group made or not
+        wait_for_ranks(self._arrival_tag, self.batch, float(self.arrival_timeout), group, hint=_ARRIVAL_HINT)
 
     def _resolve_seed(self) -> int:
         if self.seed is None:

@@ -32,6 +32,7 @@ __all__ = [
     'check_num_classes',
     'check_partners',
     'check_pool',
+    'check_seconds',
     'check_probability',
     'check_seed',
     'check_smoothable',
@@ -89,6 +90,13 @@ def check_pool(mode: object, group: object, group_name: str = 'group') -> str:
     if group is not None and mode != 'global':
         raise ValueError(f"{group_name} is only used with mode='global', got mode={mode!r}")
     return mode  # type: ignore[return-value]
+
+
+def check_seconds(value: object, name: str) -> Optional[float]:
+    """Raise unless ``value`` is a positive finite number of seconds, or ``None``."""
+    if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):  # type: ignore[arg-type]
+        raise ValueError(f'{name} must be a positive number of seconds or None, got {name}={value!r}')
+    return value  # type: ignore[return-value]
 
 
 def check_seed(seed: object, name: str = 'seed') -> Optional[int]:

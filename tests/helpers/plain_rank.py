@@ -17,3 +17,4 @@ if __name__ == '__main__':
     out, argv = sys.argv[1], sys.argv[2:]
     summary = train_plain.main(argv, record=True)
     torch.save(summary, os.path.join(out, f"rank{os.environ['RANK']}.pt"))
+    train_plain.exit_without_teardown(0)  # gloo's teardown can deadlock at interpreter exit

@@ -65,10 +65,14 @@ def _check_accelerate(ns: dict) -> None:
 
 def _check_plain_pytorch(ns: dict) -> None:
     # the loop ran every batch of both epochs, and mixed them: soft targets whose rows sum to 1
-    assert ns['step'] == 16 and ns['epoch'] == 1
-    target = ns['mixed'].target
+    assert ns['mixer'].batch == 16 and ns['epoch'] == 1
+    target = ns['y']
     assert target.shape == (8, 4) and bool((target.max(dim=1).values < 1).any())
     assert target.sum(dim=1).tolist() == [1.0] * 8
+    # and checkpointed every 5 batches: the last after batch 15, the count a resume starts from
+    import torch
+
+    assert torch.load(ns['path'], weights_only=True)['mixer']['batch'] == 15
 
 
 def _check_torchvision(ns: dict) -> None:
