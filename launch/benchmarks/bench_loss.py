@@ -17,16 +17,13 @@ measured in this one run. On a GPU each call is timed by CUDA events after a syn
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `python launch/benchmarks/bench_loss.py` puts this folder first, not the project
@@ -36,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dist_cutmix import MixedLabels, mix_targets, mixed_cross_entropy  # noqa: E402
+from launch.benchmarks.bench_common import time_round_robin  # noqa: E402
 
 __all__ = ['CLASSES', 'DTYPES', 'N', 'SMOOTHING', 'build_parser', 'loss_markdown', 'main', 'run_loss']
 
@@ -44,44 +42,6 @@ CLASSES = (1000, 21841)
 DTYPES = ('float32', 'bfloat16')
 SMOOTHING = 0.1
 LAM = 0.6845703125  # a batch λ on the mixers' 2**-10 label grid
-
-
-def _time_round_robin(entries: dict[str, Callable[[], Any]], iters: int, warmup: int,
-                      cuda: bool) -> tuple[dict[str, list], dict[str, float]]:
-    """Seconds per call of each entry, and the host's minor page faults per call (fresh memory the kernel maps).
-
-    Iteration ``i`` starts at entry ``i mod len``, so none always runs first.
-    """
-    names = list(entries)
-    samples: dict[str, list] = {name: [] for name in names}
-    faults = dict.fromkeys(names, 0)
-    gc.collect()
-    gc.disable()  # a collection inside one timed call would charge it to that implementation
-    try:
-        for i in range(warmup + iters):
-            k = i % len(names)
-            for name in names[k:] + names[:k]:
-                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                if cuda:
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    entries[name]()
-                    end.record()
-                    sample: Any = (start, end)
-                else:
-                    t0 = time.perf_counter()
-                    entries[name]()
-                    sample = time.perf_counter() - t0
-                if i >= warmup:
-                    samples[name].append(sample)
-                    faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        if cuda:
-            torch.cuda.synchronize()
-            samples = {n: [s.elapsed_time(e) / 1e3 for s, e in pairs] for n, pairs in samples.items()}
-    finally:
-        gc.enable()
-    return samples, {name: faults[name] / max(iters, 1) for name in names}
 
 
 def _row(n: int, c: int, dtype_name: str, device: torch.device, iters: int, warmup: int, seed: int) -> dict[str, Any]:
@@ -109,7 +69,8 @@ def _row(n: int, c: int, dtype_name: str, device: torch.device, iters: int, warm
     # the two agree (bfloat16: F.cross_entropy computes in bfloat16, ours in float32)
     ours_loss, ours_grad = float(ours().detach()), logits.grad.double()
     dense_loss, dense_grad = float(dense().detach()), logits.grad.double()
-    samples, faults = _time_round_robin({'ours': ours, 'dense': dense}, iters, warmup, cuda=device.type == 'cuda')
+    samples, faults = time_round_robin({'ours': lambda i: ours(), 'dense': lambda i: dense()}, iters, warmup,
+                                       cuda=device.type == 'cuda')
     ratios = [d / o for d, o in zip(samples['dense'], samples['ours'], strict=True) if o > 0]
     return {
         'n': n, 'classes': c, 'dtype': dtype_name, 'device': str(device), 'iters': iters,
