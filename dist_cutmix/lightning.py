@@ -33,16 +33,23 @@ import os
 from collections.abc import Iterator, MutableMapping, MutableSequence
 from typing import Any, Callable, Optional, Union
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
 from dist_cutmix.loop import Mixer
 from dist_cutmix.metrics import is_stock_classification, soft_target_accuracy
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities import rank_zero_warn
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+except ImportError as e:  # only a missing Lightning is the user's missing extra
+    if e.name is None or e.name.partition('.')[0] != 'lightning':
+        raise
+    raise ImportError(f"dist_cutmix.lightning needs Lightning, the lightning extra: pip install "
+                      f"'dist_cutmix[lightning]' ({e})", name=e.name) from e
 
 __all__ = ['MixCallback', 'ResumableDataLoader']
 
