@@ -169,13 +169,15 @@ def sample_pairs(n: int, *, generator: torch.Generator) -> Tensor:
     return partners
 
 
-def sample_boxes(lam: Tensor, height: int, width: int, *, uniform_sampling: bool = False,
+def sample_boxes(lam: Tensor, height: int, width: int, *, uniform_sampling: bool = False, exact_sides: bool = False,
                  generator: torch.Generator) -> Tensor:
     """One box per λ of ``lam``, covering about ``1 - λ`` of the image, clipped at the edges: ``(K, 4)`` int64.
 
     The distribution of Composer's (and the paper's) ``_rand_bbox``: sides ``2 * (int(H * sqrt(1 - λ)) // 2)``
     by the same for ``W``, centred uniformly on the image or, with ``uniform_sampling``, on a range enlarged
-    by half a side each way so that every pixel is equally likely to be cut.
+    by half a side each way so that every pixel is equally likely to be cut. With ``exact_sides`` the sides
+    are ``int(H * sqrt(1 - λ))`` before clipping, odd ones included (timm's ``rand_bbox``: ``cy - cut // 2``
+    to ``cy + (cut + 1) // 2``).
     """
     ratio = torch.sqrt(1.0 - lam)
     cut_h, cut_w = (height * ratio).long(), (width * ratio).long()  # int() of a non-negative float: floor
@@ -188,9 +190,10 @@ def sample_boxes(lam: Tensor, height: int, width: int, *, uniform_sampling: bool
     u = torch.rand(2, lam.shape[0], dtype=torch.float64, generator=generator, device='cpu')
     cy = low_y + (u[0] * (high_y - low_y)).long()
     cx = low_x + (u[1] * (high_x - low_x)).long()
+    up_h, up_w = ((cut_h + 1) // 2, (cut_w + 1) // 2) if exact_sides else (cut_h // 2, cut_w // 2)
     return torch.stack([
-        (cy - cut_h // 2).clamp(0, height), (cy + cut_h // 2).clamp(0, height),
-        (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width),
+        (cy - cut_h // 2).clamp(0, height), (cy + up_h).clamp(0, height),
+        (cx - cut_w // 2).clamp(0, width), (cx + up_w).clamp(0, width),
     ], dim=1)
 
 
@@ -277,7 +280,8 @@ def sample_mix(
     if bool(use_cutmix.any()):
         drawn = sample_boxes_minmax(count, height, width, spec.cutmix_minmax, generator) \
             if spec.cutmix_minmax is not None \
-            else sample_boxes(drawn_lam, height, width, uniform_sampling=spec.uniform_sampling, generator=generator)
+            else sample_boxes(drawn_lam, height, width, uniform_sampling=spec.uniform_sampling,
+                              exact_sides=spec.box_sides == 'exact', generator=generator)
         boxes = torch.where(use_cutmix[:, None], drawn, boxes)
     whole = torch.tensor([0, height, 0, width], device='cpu')
     boxes = torch.where((use_mixup & (weight > 0))[:, None], whole, boxes)

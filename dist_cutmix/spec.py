@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from dist_cutmix.validation import check_alpha, check_flag, check_probability
+from dist_cutmix.validation import check_alpha, check_choice, check_flag, check_probability
 
-__all__ = ['MixSpec']
+__all__ = ['BOX_SIDES', 'MixSpec']
+
+BOX_SIDES = ('even', 'exact')
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class MixSpec:
         multi_label: targets are multi-hot ``(N, C)``, every class its own binary label (timm's
             ``multi_label``): smoothing moves each entry toward 1/2, ``(1 - ε) * mixed + ε / 2``, and
             index targets are refused.
+        box_sides: ``'even'``: a CutMix box from λ has sides ``2 * (int(H * sqrt(1 - λ)) // 2)`` (Composer's,
+            torchvision's and the paper's); ``'exact'``: ``int(H * sqrt(1 - λ))``, odd ones included (timm's
+            ``rand_bbox`` since 0.9). The centre is drawn alike either way.
         pairs: partners form pairs (a random perfect matching over the batch, each the other's partner) and
             both members of a pair share one draw (timm's ``mode='pair'``); in an odd batch one sample is left
             unmixed. Needs ``per_sample=True``.
@@ -63,8 +68,10 @@ class MixSpec:
     correct_lam: bool = True
     multi_label: bool = False
     pairs: bool = False
+    box_sides: str = 'even'
 
     def __post_init__(self) -> None:
+        check_choice(self.box_sides, 'box_sides', BOX_SIDES)
         for name in ('uniform_sampling', 'mixup_fold', 'correct_lam', 'multi_label', 'pairs'):
             check_flag(getattr(self, name), name)
         for name in ('cutmix_alpha', 'mixup_alpha'):

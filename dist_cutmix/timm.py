@@ -110,7 +110,7 @@ class Mixup:
             raise ValueError(f"group is only used with pool='global', got pool={pool!r}")
         spec = MixSpec(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax,  # type: ignore[arg-type]
                        prob=prob, switch_prob=switch_prob, label_smoothing=label_smoothing, correct_lam=correct_lam,
-                       multi_label=multi_label, pairs=mode == 'pair')
+                       multi_label=multi_label, pairs=mode == 'pair', box_sides='exact')
         if spec.mixup_alpha == 0 and spec.cutmix_alpha == 0:
             raise ValueError(
                 f'Mixup mixes nothing with mixup_alpha={mixup_alpha!r}, cutmix_alpha={cutmix_alpha!r} and no '

@@ -52,7 +52,7 @@ def _spec(args: dict, mode: str) -> MixSpec:
     """The MixSpec the door must hand the engine for timm's arguments (what our draw is told to draw)."""
     a = {**dict(mixup_alpha=1.0, cutmix_alpha=0.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5, correct_lam=True,
                 label_smoothing=0.1, multi_label=False), **args}
-    return MixSpec(pairs=mode == 'pair', **a)
+    return MixSpec(pairs=mode == 'pair', box_sides='exact', **a)  # timm's rand_bbox: int(H·√(1−λ)) rows, odd too
 
 
 def _batch(n: int, h: int, w: int, seed: int, multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,3 +446,48 @@ def test_the_door_imports_and_mixes_without_timm() -> None:
                           text=True, timeout=180)
     assert proc.returncode == 0, f'exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-5000:]}'
     assert proc.stdout.split() == ['timm', 'blocked', 'door', 'ok']
+
+
+# ---------------------------------------------------------------------------------------------- the box law
+
+
+@needs_timm
+def test_the_box_law_is_timms_box_for_box_with_lambda_and_centre_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    # timm's rand_bbox cuts int(H * sqrt(1 - λ)) rows, cy - cut // 2 to cy + (cut + 1) // 2, odd sides included;
+    # the door draws with MixSpec(box_sides='exact'), and the engine's sampler reads its centre off two uniforms.
+    from timm.data.mixup import rand_bbox
+
+    from dist_cutmix.draw import sample_boxes
+
+    assert Mixup(num_classes=K).mixer.spec.box_sides == 'exact'
+    g = torch.Generator().manual_seed(0)
+    lams = [0.0, 0.1, 0.25, 0.5, 0.75, 0.999, 1.0, *torch.rand(40, generator=g, dtype=torch.float64).tolist()]
+    odd = 0
+    for h, w in ((32, 32), (17, 23), (7, 5), (224, 160)):
+        for k, lam in enumerate(lams):
+            probe = torch.rand(2, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+            cy, cx = int(probe[0, 0] * h), int(probe[1, 0] * w)  # the centre sample_boxes draws from seed k
+            ours = sample_boxes(torch.tensor([lam], dtype=torch.float64), h, w, exact_sides=True,
+                                generator=torch.Generator().manual_seed(k))[0].tolist()
+            centres = iter([cy, cx])
+            monkeypatch.setattr(np.random, 'randint', lambda *a, _c=centres, **kw: next(_c))
+            theirs = [int(v) for v in rand_bbox((3, h, w), lam)]
+            assert ours == theirs, (h, w, lam, cy, cx)
+            odd += int(h * (1 - lam) ** 0.5) % 2
+    assert odd > 20  # the odd sides, where the even law would cut one row fewer, were exercised
+
+
+def test_the_door_draws_timms_exact_sides() -> None:
+    # correct_lam=False keeps each CutMix sample's drawn λ as its label weight: a box clear of the borders then
+    # has exactly int(H * sqrt(1 - λ)) rows and columns, odd or even
+    mixup_fn = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, mode='elem', correct_lam=False, num_classes=K, seed=3)
+    sides, odd = 0, 0
+    for _ in range(40):
+        mixup_fn(torch.rand(16, 3, 31, 29), torch.randint(0, K, (16,)))
+        last = mixup_fn.mixer.last
+        for (y0, y1, x0, x1), lam in zip(last.box.tolist(), last.lam.tolist(), strict=True):
+            if 0 < y0 and y1 < 31 and 0 < x0 and x1 < 29:
+                assert (y1 - y0, x1 - x0) == (int(31 * (1 - lam) ** 0.5), int(29 * (1 - lam) ** 0.5))
+                sides += 1
+                odd += (y1 - y0) % 2
+    assert sides > 50 and odd > 10
