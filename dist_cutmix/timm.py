@@ -18,6 +18,7 @@ from dist_cutmix.distributed import ProcessGroup
 from dist_cutmix.loop import Mixer
 from dist_cutmix.spec import MixSpec
 from dist_cutmix.validation import MODES as POOLS
+from dist_cutmix.validation import check_pool
 
 __all__ = ['MODES', 'POOLS', 'FastCollateMixup', 'Mixup']
 
@@ -104,10 +105,7 @@ class Mixup:
         if mode not in MODES:  # timm mixes any other value per batch; we name it instead
             raise ValueError(f'mode is timm\'s: one of {MODES}, got mode={mode!r}'
                              + (f"; the pool across ranks is pool={mode!r}" if mode in POOLS else ''))
-        if pool not in POOLS:
-            raise ValueError(f'pool must be one of {POOLS}, got pool={pool!r}')
-        if group is not None and pool != 'global':
-            raise ValueError(f"group is only used with pool='global', got pool={pool!r}")
+        check_pool(pool, group, name='pool')
         spec = MixSpec(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax,  # type: ignore[arg-type]
                        prob=prob, switch_prob=switch_prob, label_smoothing=label_smoothing, correct_lam=correct_lam,
                        multi_label=multi_label, pairs=mode == 'pair', box_sides='exact')

@@ -36,7 +36,7 @@ from dist_cutmix.loop import Mixer
 from dist_cutmix.mixer import MixResult
 from dist_cutmix.randomness import batch_generator
 from dist_cutmix.spec import MixSpec
-from dist_cutmix.validation import MODES
+from dist_cutmix.validation import check_pool
 
 __all__ = ['CutMix', 'MixInputError', 'MixUp', 'RandomChoice']
 
@@ -136,11 +136,7 @@ def _num_classes(num_classes: Any) -> Optional[int]:
 
 
 def _pool(pool: Any, group: ProcessGroup) -> str:
-    if pool not in MODES:
-        raise ValueError(f'pool must be one of {MODES}, got pool={pool!r}')
-    if group is not None and pool != 'global':
-        raise ValueError(f"group is only used with pool='global', got pool={pool!r}")
-    return pool
+    return check_pool(pool, group, name='pool')
 
 
 # ------------------------------------------------------------------------------------------- the transforms

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 __all__ = [
     'BINARY_HINT',
     'MODES',
-    'TARGET_KINDS',
     'check_alpha',
     'check_batch',
     'check_binary_targets',
@@ -41,7 +40,6 @@ __all__ = [
 ]
 
 MODES = ('local', 'global', 'node')
-TARGET_KINDS = ('index', 'binary', 'soft', 'dense')
 
 BINARY_HINT = ('floating (N,) targets are read as binary probabilities; class indices must be an integer tensor: '
                'pass target.long()')
@@ -84,11 +82,14 @@ def check_choice(value: object, name: str, choices: tuple[Any, ...]) -> Any:
     return value
 
 
-def check_pool(mode: object, group: object, group_name: str = 'group') -> str:
-    """Raise unless ``mode`` is one of :data:`MODES`, with a process group given only for ``'global'``."""
-    check_choice(mode, 'mode', MODES)
+def check_pool(mode: object, group: object, group_name: str = 'group', name: str = 'mode') -> str:
+    """Raise unless ``mode`` is one of :data:`MODES`, with a process group given only for ``'global'``.
+
+    ``name`` is what the caller calls the argument (the timm and torchvision doors call it ``pool``).
+    """
+    check_choice(mode, name, MODES)
     if group is not None and mode != 'global':
-        raise ValueError(f"{group_name} is only used with mode='global', got mode={mode!r}")
+        raise ValueError(f"{group_name} is only used with {name}='global', got {name}={mode!r}")
     return mode  # type: ignore[return-value]
 
 
